@@ -1,0 +1,3 @@
+from metalab.cli import main
+
+main()

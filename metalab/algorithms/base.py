@@ -1,0 +1,88 @@
+"""The one interface every algorithm implements.
+
+* ``meta_loss(params, batch) -> (loss, metrics)``: the training objective on a meta-batch.
+* ``adapt(params, support_x, support_y, ways) -> Predictor``: learn a new task from its support set.
+* ``task_logits(params, batch) -> [tasks, ways*queries, ways]``: adapt to every task of a batch and
+  score its queries (evaluation). Algorithms whose adaptation only needs fixed per-example
+  features set ``frozen_features = True`` and implement ``encode`` + ``classify_features``, so
+  evaluation encodes a split once and draws episodes over features.
+
+``params`` is a ``dict[str, Tensor]`` (by default the module's own parameters) so inner loops,
+data-parallel training and serving can all work functionally.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metalab.data.episodes import Episodes
+
+
+def sub_params(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries of ``params`` under ``prefix`` with the prefix stripped."""
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+class Predictor:
+    """An adapted task: scores new inputs against the task's ``ways`` labels."""
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        self._logits_fn = logits_fn
+        self.state = state  # the tensors that define the adaptation (prototypes, head, weights)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, ...]`` inputs → ``[B, ways]`` scores."""
+        return self._logits_fn(x)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).softmax(-1)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).argmax(-1)
+
+
+class Algorithm(nn.Module):
+    """Base class: holds the meta-learned modules; subclasses define the method."""
+
+    name = "algorithm"
+    frozen_features = False
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.named_parameters())
+
+    def encode(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``[B, D]`` of inputs ``[B, ...]`` under ``params``."""
+        buffers = dict(self.backbone.named_buffers())
+        return functional_call(self.backbone, {**sub_params(params, "backbone."), **buffers}, (x,))
+
+    def meta_loss(self, params: dict[str, torch.Tensor], batch: Episodes) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def adapt(self, params: dict[str, torch.Tensor], support_x: torch.Tensor, support_y: torch.Tensor, ways: int) -> Predictor:
+        raise NotImplementedError
+
+    def task_logits(self, params: dict[str, torch.Tensor], batch: Episodes) -> torch.Tensor:
+        """Adapt to each task and score its queries: ``[tasks, ways*queries, ways]``."""
+        out = []
+        for t in range(batch.tasks):
+            predictor = self.adapt(params, batch.support_x[t], batch.support_y[t], batch.ways)
+            out.append(predictor.logits(batch.query_x[t]))
+        return torch.stack(out)
+
+    def classify_features(self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor, ways: int) -> torch.Tensor:
+        """For ``frozen_features`` algorithms: ``[T, N*K, D]``, ``[T, N*K]``, ``[T, M, D]`` → ``[T, M, N]``."""
+        raise NotImplementedError
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-task accuracy ``[T]`` from ``[T, M, N]`` logits and ``[T, M]`` labels."""
+    return (logits.argmax(-1) == labels).float().mean(-1)

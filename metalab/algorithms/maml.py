@@ -1,0 +1,127 @@
+"""MAML (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400) and its first-order variant.
+
+Inner loop: a few SGD steps on the support loss from the meta-learned initialisation, over a
+parameter dict (``torch.func.functional_call``); outer loss: the query loss of the adapted
+weights. Second order differentiates through the inner steps (``create_graph=True``); first
+order treats the inner gradients as constants.
+
+The classifier head is one row (weight ``[1, D]``, bias ``[1]``) copied to every class at the
+start of adaptation (Ye & Chao, ICLR 2022, "How to train your MAML to excel in few-shot
+classification"), so a model meta-trained 5-way adapts to 20-way tasks as well and is invariant
+to the order of labels.
+
+Execution (``execution=``): ``"loop"`` runs tasks one after another, ``"vmap"`` batches them with
+``torch.func.vmap``/``torch.func.grad``; ``"auto"`` picks ``loop`` on CPU (faster there, see
+FACTS.md) and ``vmap`` elsewhere. Both give the same loss and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from metalab.algorithms.base import Algorithm, Predictor, accuracy, sub_params
+from metalab.data.episodes import Episodes
+from metalab.errors import ConfigError
+
+Params = dict[str, torch.Tensor]
+
+
+class MAML(Algorithm):
+    name = "maml"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        test_inner_steps: int = 10,
+        first_order: bool = False,
+        execution: str = "auto",
+    ) -> None:
+        super().__init__(backbone)
+        if execution not in ("auto", "loop", "vmap"):
+            raise ConfigError(f"execution='{execution}' is unknown; use 'auto', 'loop' or 'vmap'.")
+        if inner_steps < 1 or test_inner_steps < 1:
+            raise ConfigError("inner_steps and test_inner_steps must be at least 1.")
+        self.head_weight = nn.Parameter(torch.zeros(1, backbone.out_dim))
+        self.head_bias = nn.Parameter(torch.zeros(1))
+        self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
+        self.first_order, self.execution = first_order, execution
+        if first_order:
+            self.name = "fomaml"
+
+    # -- functional pieces -------------------------------------------------------------------
+    def task_init(self, params: Params, ways: int) -> Params:
+        """The starting point of adaptation: backbone weights, head row copied ``ways`` times."""
+        fast = sub_params(params, "backbone.")
+        fast = {f"backbone.{k}": v for k, v in fast.items()}
+        fast["head.weight"] = params["head_weight"].expand(ways, -1)
+        fast["head.bias"] = params["head_bias"].expand(ways)
+        return fast
+
+    def forward_fast(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
+        """``[B, ...]`` → logits ``[B, ways]`` under task weights ``fast``."""
+        z = functional_call(self.backbone, sub_params(fast, "backbone."), (x,))
+        return z @ fast["head.weight"].T + fast["head.bias"]
+
+    def inner_loop(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, ways: int, steps: int, create_graph: bool) -> Params:
+        fast = self.task_init(params, ways)
+        for _ in range(steps):
+            loss = F.cross_entropy(self.forward_fast(fast, sx), sy)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+            fast = {k: w - self.inner_lr * g for (k, w), g in zip(fast.items(), grads)}
+        return fast
+
+    def _use_vmap(self, device: torch.device) -> bool:
+        return self.execution == "vmap" or (self.execution == "auto" and device.type != "cpu")
+
+    # -- the interface ----------------------------------------------------------------------
+    def meta_loss(self, params: Params, batch: Episodes):
+        if self._use_vmap(batch.support_x.device):
+            losses, accs = self._vmapped_losses(params, batch)
+        else:
+            losses, accs = [], []
+            create_graph = not self.first_order
+            for t in range(batch.tasks):
+                fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
+                logits = self.forward_fast(fast, batch.query_x[t])
+                losses.append(F.cross_entropy(logits, batch.query_y[t]))
+                accs.append((logits.argmax(-1) == batch.query_y[t]).float().mean())
+            losses, accs = torch.stack(losses), torch.stack(accs)
+        loss = losses.mean()
+        return loss, {"loss": loss.item(), "acc": accs.mean().item()}
+
+    def _vmapped_losses(self, params: Params, batch: Episodes):
+        ways, steps, lr, first_order = batch.ways, self.inner_steps, self.inner_lr, self.first_order
+
+        def support_loss(fast, sx, sy):
+            return F.cross_entropy(self.forward_fast(fast, sx), sy)
+
+        def task(sx, sy, qx, qy):
+            fast = self.task_init(params, ways)
+            for _ in range(steps):
+                g = grad(support_loss)(fast, sx, sy)
+                if first_order:
+                    g = {k: v.detach() for k, v in g.items()}
+                fast = {k: w - lr * g[k] for k, w in fast.items()}
+            logits = self.forward_fast(fast, qx)
+            return F.cross_entropy(logits, qy), (logits.argmax(-1) == qy).float().mean()
+
+        return vmap(task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    def adapt(self, params: Params, support_x, support_y, ways: int, steps: int | None = None) -> Predictor:
+        detached = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            fast = self.inner_loop(detached, support_x, support_y, ways, steps or self.test_inner_steps, create_graph=False)
+        fast = {k: v.detach() for k, v in fast.items()}
+        return Predictor(lambda x: self.forward_fast(fast, x), fast)
+
+
+def first_order_maml(backbone: nn.Module, **kwargs) -> MAML:
+    return MAML(backbone, first_order=True, **kwargs)
+
+
+__all__ = ["MAML", "first_order_maml", "accuracy"]

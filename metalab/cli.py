@@ -1,0 +1,185 @@
+"""``metalab`` command line: parses arguments, calls the library, prints. Nothing else lives here."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from metalab.errors import ConfigError, MetalabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="metalab: meta-learning from many small tasks.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _results_table(record: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("setting", "accuracy (%)", "95 % CI (±)", "episodes", "queries/class"):
+        table.add_column(col, justify="right")
+    for r in record["results"]:
+        table.add_row(f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['mean']:.2f}", f"{100 * r['ci95']:.2f}",
+                      str(r["episodes"]), str(r["queries"]))
+    return table
+
+
+def _parse_settings(settings: list[str] | None) -> list[list[int]] | None:
+    if not settings:
+        return None
+    out = []
+    for s in settings:
+        m = re.fullmatch(r"(\d+)w(\d+)s", s.strip())
+        if not m:
+            raise ConfigError(f"--setting '{s}' is not of the form <ways>w<shots>s (e.g. 5w1s).")
+        out.append([int(m.group(1)), int(m.group(2))])
+    return out
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections data/train/eval)."),
+    algo: Optional[str] = typer.Option(None, help="Algorithm: protonet, maml, fomaml."),
+    data: Optional[str] = typer.Option(None, help="'omniglot', an image folder root/<class>/*.png, or an .npz file."),
+    ways: Optional[int] = typer.Option(None, help="Classes per training task."),
+    shots: Optional[int] = typer.Option(None, help="Support examples per class."),
+    queries: Optional[int] = typer.Option(None, help="Query examples per class."),
+    meta_batch: Optional[int] = typer.Option(None, help="Tasks per meta-batch."),
+    steps: Optional[int] = typer.Option(None, help="Meta-training steps."),
+    lr: Optional[float] = typer.Option(None, help="Outer (meta) learning rate."),
+    time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is kept)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and episode sampling."),
+    set_: list[str] = typer.Option([], "--set", help="Override any field: --set train.algo_options.inner_lr=0.1"),
+    out: Optional[Path] = typer.Option(None, help="Run folder to create (default runs/<name>-<time>)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this run folder from its last good checkpoint."),
+    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on meta-test when training ends."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Meta-train an algorithm; the run folder holds config, metrics and checkpoints."""
+    from metalab.engine import MetaTrainer, RunConfig, RunFolder
+    from metalab.engine.eval_run import evaluate_run
+    from metalab.engine.run import default_run_dir
+
+    if resume is not None:
+        if config is not None or set_:
+            raise ConfigError("--resume continues a run with its own config.yaml; drop --config/--set.")
+        cfg = RunFolder.open(resume).config()
+        run_dir = resume
+    else:
+        raw = yaml.safe_load(config.read_text()) if config else {}
+        if config and not config.exists():
+            raise ConfigError(f"Config file '{config}' does not exist.")
+        raw = raw or {}
+        flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
+                 "train.queries": queries, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
+                 "train.time_budget": time_budget, "train.device": device, "train.seed": seed}
+        overrides = {k: v for k, v in flags.items() if v is not None}
+        for item in set_:
+            if "=" not in item:
+                raise ConfigError(f"--set '{item}' is not of the form section.field=value.")
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = _parse_value(value)
+        for key, value in overrides.items():
+            _assign(raw, key, value)
+        raw.setdefault("name", raw.get("train", {}).get("algo", "protonet"))
+        cfg = RunConfig.from_dict(raw, origin=str(config) if config else "command line")
+        run_dir = out or default_run_dir(cfg.name)
+    trainer = MetaTrainer(cfg, run_dir, resume=resume is not None, show_progress=progress, log=console.print)
+    console.print(f"[bold]split:[/] {trainer.splits.description}")
+    result = trainer.train()
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
+    if evaluate_after:
+        record = evaluate_run(result.run_dir, device=cfg.train.device if cfg.train.device != "auto" else "cpu", show_progress=progress)
+        console.print(_results_table(record, f"{cfg.train.algo} on meta-test ({record['split']})"))
+
+
+def _assign(raw: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    if parts[0] not in ("data", "train", "eval", "name"):
+        raise ConfigError(f"'{dotted}' does not start with a config section; use data., train. or eval.")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{dotted}' goes through a field that is not a section.")
+    node[parts[-1]] = value
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="Run folder."),
+    setting: list[str] = typer.Option([], "--setting", help="e.g. 5w1s; repeat for several (default: the run's eval.settings)."),
+    episodes: Optional[int] = typer.Option(None, help="Test episodes per setting (default 600)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
+    split: str = typer.Option("test", help="test or val."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Evaluate a run: mean accuracy ± 95 % CI over test episodes; writes eval.json."""
+    from metalab.engine.eval_run import evaluate_run
+
+    record = evaluate_run(run, _parse_settings(setting), episodes, device, show_progress=progress, split=split)
+    console.print(f"split: {record['split_description']}")
+    console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
+
+
+@app.command()
+def datasets() -> None:
+    """List the bundled data sources with class and domain counts."""
+    from metalab.data.catalog import BUNDLED, load_source
+
+    table = Table(title="bundled data")
+    for col in ("name", "examples", "classes", "domains", "per class", "example shape", "about"):
+        table.add_column(col)
+    for name, about in BUNDLED.items():
+        d = load_source(name).describe()
+        table.add_row(name, str(d["examples"]), str(d["classes"]), str(d["domains"]),
+                      f"{d['min_per_class']}-{d['max_per_class']}", "×".join(map(str, d["example_shape"])), about)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/demo-<time>)."),
+    time_budget: float = typer.Option(300.0, help="Seconds of meta-training (the whole demo stays under 10 min on 2 CPU cores)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Meta-train a Prototypical Network on Omniglot's canonical split, then evaluate on unseen alphabets."""
+    from metalab.demo import run_demo
+
+    record = run_demo(out, time_budget, show_progress=progress, log=console.print)
+    console.print(_results_table(record, "Prototypical Network, Omniglot meta-test alphabets (never trained on)"))
+    console.print(f"run folder: {record['run']}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except MetalabError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

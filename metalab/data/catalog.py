@@ -1,0 +1,51 @@
+"""From a data spec (``omniglot``, a folder, an ``.npz``) to meta-train / val / test splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metalab.data.augment import with_rotations
+from metalab.data.folders import load_image_folder, load_npz
+from metalab.data.omniglot import load_omniglot
+from metalab.data.source import LabelledSource
+from metalab.data.splits import Splits, omniglot_canonical_split, split_by_class
+from metalab.errors import DataError
+
+BUNDLED = {
+    "omniglot": "Omniglot minimal background sets (Lake et al. 2015, MIT): characters as classes, alphabets as domains",
+}
+
+
+def load_source(spec: str, image_size: int = 28) -> LabelledSource:
+    """The whole labelled source named by ``spec``."""
+    if spec == "omniglot":
+        return load_omniglot(image_size)
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.exists():
+            raise DataError(f"Data file '{path}' does not exist; pass an existing .npz or folder, or a bundled name ({', '.join(BUNDLED)}).")
+        return load_npz(path)
+    if not path.exists():
+        raise DataError(
+            f"Data '{spec}' is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing path; "
+            "pass a folder laid out as root/<class>/<image>.png or an .npz file."
+        )
+    return load_image_folder(path, image_size)
+
+
+def load_splits(spec: str, image_size: int = 28, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                split_seed: int = 0, rotations: bool = False) -> Splits:
+    """Class-disjoint splits of ``spec``: Omniglot's canonical alphabet split, else a seeded random
+    class split. ``rotations`` adds rotated copies of meta-train classes only."""
+    source = load_source(spec, image_size)
+    if spec == "omniglot":
+        splits = omniglot_canonical_split(source, val_fraction, split_seed)
+    else:
+        splits = split_by_class(source, val_fraction, test_fraction, split_seed)
+    if rotations:
+        x = splits.train.x
+        if x.dim() != 4 or x.shape[2] != x.shape[3]:
+            raise DataError(f"rotations need square images [C, H, W]; source '{source.name}' has examples {list(x.shape[1:])}. Set data.rotations: false.")
+        splits = Splits(with_rotations(splits.train), splits.val, splits.test,
+                        splits.description + "; meta-train classes augmented with 90/180/270° rotations")
+    return splits

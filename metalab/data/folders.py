@@ -1,0 +1,99 @@
+"""Image-folder and in-memory array sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from metalab.data.source import LabelledSource
+from metalab.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def load_image_folder(root: str | Path, image_size: int = 28, channels: int = 1) -> LabelledSource:
+    """``root/<class>/*.png|jpg`` → ``uint8 [M, channels, image_size, image_size]``.
+
+    A two-level layout ``root/<domain>/<class>/*`` is read too, with the first level as domain.
+    Grayscale images are stored ink-high (inverted) only if ``channels == 1`` and the folder's
+    mean pixel is bright, so dark-on-white scans and white-on-dark images both work.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"Data folder '{root}' does not exist; pass a folder laid out as root/<class>/<image>.png.")
+    if not root.is_dir():
+        raise DataError(f"Data path '{root}' is not a folder; pass a folder laid out as root/<class>/<image>.png.")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"Data folder '{root}' has no class sub-folders; lay it out as root/<class>/<image>.png.")
+    nested = all(not _images(d) and any(c.is_dir() for c in d.iterdir()) for d in class_dirs)
+    entries: list[tuple[str, str, Path]] = []  # (domain, class, directory)
+    if nested:
+        for dom in class_dirs:
+            entries += [(dom.name, f"{dom.name}/{c.name}", c) for c in sorted(dom.iterdir()) if c.is_dir()]
+    else:
+        entries = [("default", d.name, d) for d in class_dirs]
+    images, labels, names, domains = [], [], [], []
+    domain_names = sorted({d for d, _, _ in entries})
+    mode = "L" if channels == 1 else "RGB"
+    for domain, cls, directory in entries:
+        files = _images(directory)
+        if not files:
+            raise DataError(f"Class folder '{directory}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder.")
+        label = len(names)
+        names.append(cls)
+        domains.append(domain_names.index(domain))
+        for f in files:
+            try:
+                img = Image.open(f).convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"Image '{f}' cannot be read ({exc.__class__.__name__}); replace or remove the file.") from None
+            arr = np.asarray(img, dtype=np.uint8)
+            images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images))
+    if channels == 1 and x.float().mean() > 127:
+        x = 255 - x  # dark strokes on a light page: store ink as high values
+    return LabelledSource(x, torch.tensor(labels), names, torch.tensor(domains), domain_names, name=root.name)
+
+
+def _images(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def from_arrays(
+    x, y, class_names: list[str] | None = None, class_domains=None, domain_names: list[str] | None = None, name: str = "arrays"
+) -> LabelledSource:
+    """An in-memory source from array-likes: ``x [M, ...]`` and integer or string labels ``y [M]``."""
+    x = torch.as_tensor(np.asarray(x))
+    y_arr = np.asarray(y)
+    if y_arr.ndim != 1:
+        raise DataError(f"Labels for source '{name}' must be one-dimensional [M]; got shape {list(y_arr.shape)}.")
+    if y_arr.dtype.kind in "iu" and class_names is not None:
+        labels = torch.as_tensor(y_arr, dtype=torch.long)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise DataError(f"Labels of source '{name}' must lie in 0..{len(class_names) - 1} to match class_names.")
+    else:
+        uniques, inverse = np.unique(y_arr.astype(str) if y_arr.dtype.kind not in "iu" else y_arr, return_inverse=True)
+        labels = torch.as_tensor(inverse, dtype=torch.long)
+        class_names = [str(u) for u in uniques]
+    if class_domains is None:
+        class_domains, domain_names = torch.zeros(len(class_names), dtype=torch.long), ["default"]
+    return LabelledSource(x, labels, list(class_names), torch.as_tensor(class_domains, dtype=torch.long), list(domain_names), name=name)
+
+
+def load_npz(path: str | Path) -> LabelledSource:
+    """An ``.npz`` file with arrays ``x`` and ``y`` (and optionally ``class_names``)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"'{path}' cannot be read as an .npz archive ({exc.__class__.__name__}); save it with numpy.savez.") from None
+    for key in ("x", "y"):
+        if key not in data:
+            raise DataError(f"'{path}' has no array '{key}'; save the examples as x=[M, ...] and the labels as y=[M].")
+    names = [str(n) for n in data["class_names"]] if "class_names" in data else None
+    return from_arrays(data["x"], data["y"], names, name=path.stem)

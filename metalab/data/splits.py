@@ -1,0 +1,89 @@
+"""Class-level splits: meta-train / validation / meta-test never share a class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metalab.data.source import LabelledSource
+from metalab.errors import DataError
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Three sources over disjoint classes, and how they were made (for reports and configs)."""
+
+    train: LabelledSource
+    val: LabelledSource
+    test: LabelledSource
+    description: str
+
+
+def _permuted(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def split_by_class(
+    source: LabelledSource, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> Splits:
+    """Random split of a source's classes (seeded): every class lands in exactly one split."""
+    if not 0 <= val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum to less than 1."
+        )
+    order = _permuted(source.num_classes, seed)
+    n_test = max(1, round(test_fraction * source.num_classes))
+    n_val = round(val_fraction * source.num_classes)
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    if len(train) == 0:
+        raise DataError(f"Source '{source.name}' has {source.num_classes} classes: too few to split; add classes.")
+    desc = (
+        f"random class split of '{source.name}' (seed {seed}): {len(train)} train / {len(val)} val / "
+        f"{len(test)} test classes"
+    )
+    return Splits(
+        source.subset(train.sort().values, f"{source.name}:train"),
+        source.subset(val.sort().values, f"{source.name}:val"),
+        source.subset(test.sort().values, f"{source.name}:test"),
+        desc,
+    )
+
+
+def split_by_domain(
+    source: LabelledSource, train_domains: list[str], test_domains: list[str], val_fraction: float = 0.1, seed: int = 0
+) -> Splits:
+    """Train on the classes of ``train_domains`` (minus a seeded validation carve-out), test on
+    the classes of ``test_domains``. Unknown domain names are an error that lists the known ones."""
+    known = set(source.domain_names)
+    for d in [*train_domains, *test_domains]:
+        if d not in known:
+            raise DataError(f"Domain '{d}' is not in source '{source.name}'; known domains: {sorted(known)}.")
+    if set(train_domains) & set(test_domains):
+        raise DataError(f"Domains {sorted(set(train_domains) & set(test_domains))} are in both train and test; a domain belongs to one side.")
+    dom_of = [source.domain_names[int(d)] for d in source.class_domains]
+    train_all = torch.tensor([c for c, d in enumerate(dom_of) if d in train_domains])
+    test = torch.tensor([c for c, d in enumerate(dom_of) if d in test_domains])
+    order = train_all[_permuted(len(train_all), seed)]
+    n_val = round(val_fraction * len(train_all))
+    val, train = order[:n_val], order[n_val:]
+    desc = (
+        f"split of '{source.name}' by domain: meta-train {sorted(train_domains)} ({len(train)} classes, "
+        f"{len(val)} of them carved out for validation with seed {seed}); meta-test {sorted(test_domains)} "
+        f"({len(test)} classes)"
+    )
+    return Splits(
+        source.subset(train.sort().values, f"{source.name}:train"),
+        source.subset(val.sort().values, f"{source.name}:val"),
+        source.subset(test.sort().values, f"{source.name}:test"),
+        desc,
+    )
+
+
+def omniglot_canonical_split(source: LabelledSource, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """Meta-train: alphabets of ``images_background_small1``; meta-test: alphabets found only in
+    ``images_background_small2`` (katakana, Sanskrit, Tagalog); validation characters carved
+    from meta-train by seed."""
+    train_alphabets = source.meta["train_alphabets"]
+    test_alphabets = [d for d in source.domain_names if d not in train_alphabets]
+    return split_by_domain(source, train_alphabets, test_alphabets, val_fraction, seed)

@@ -1,0 +1,122 @@
+"""Checkpoints: one safetensors file with model, optimiser and progress, written atomically and
+verified by a SHA-256 checksum of its tensors when read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from metalab.errors import CheckpointError
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.safetensors$")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for pid, entry in state["state"].items():
+        plain["state"][str(pid)] = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{pid}/{name}"] = value
+            else:
+                plain["state"][str(pid)][name] = value
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict = {int(pid): dict(entry) for pid, entry in plain["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict | None, info: dict) -> None:
+    """Write ``path`` atomically: temporary file in the same folder, fsync, rename, fsync folder."""
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    plain_optim = None
+    if optimizer_state is not None:
+        optim_tensors, plain_optim = _flatten_optimizer(optimizer_state)
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in optim_tensors.items()})
+    meta = {"info": json.dumps(info), "optimizer": json.dumps(plain_optim), "sha256": _digest(tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
+    """``(model_state, optimizer_state, info)`` from a checkpoint; :class:`CheckpointError` with the
+    file's name if it is missing, truncated, not a checkpoint, or fails its checksum."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint '{path}' does not exist; check the run folder or train first.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CheckpointError(
+            f"Checkpoint '{path}' is truncated or not a safetensors file ({type(exc).__name__}); delete it to fall back to an earlier checkpoint."
+        ) from None
+    if "sha256" not in meta or "info" not in meta:
+        raise CheckpointError(f"Checkpoint '{path}' was not written by metalab (no checksum); pass a metalab checkpoint.")
+    if _digest(tensors) != meta["sha256"]:
+        raise CheckpointError(f"Checkpoint '{path}' fails its checksum (the file is corrupt); delete it to fall back to an earlier checkpoint.")
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    plain_optim = json.loads(meta.get("optimizer", "null"))
+    optim = _unflatten_optimizer(tensors, plain_optim) if plain_optim is not None else None
+    return model_state, optim, json.loads(meta["info"])
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint in ``folder``, oldest first."""
+    found = []
+    for p in Path(folder).glob("checkpoint-*.safetensors"):
+        m = CHECKPOINT_RE.search(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_good_checkpoint(folder: Path, warn=print) -> tuple[int, Path, tuple] | None:
+    """The newest checkpoint in ``folder`` that loads and verifies; damaged ones are reported via
+    ``warn`` and skipped (never deleted). ``None`` if the folder has no usable checkpoint."""
+    for step, path in reversed(list_checkpoints(folder)):
+        try:
+            return step, path, load_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"warning: {exc} Using the previous checkpoint.")
+    return None

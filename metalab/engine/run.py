@@ -1,0 +1,104 @@
+"""A run is a folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoint-*.safetensors``, ``eval.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from metalab.engine.checkpoint import list_checkpoints
+from metalab.engine.config import RunConfig
+from metalab.errors import CheckpointError, ConfigError
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """Paths and small file operations of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.json"
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path / f"checkpoint-{step:07d}.safetensors"
+
+    @classmethod
+    def create(cls, path: str | Path, config: RunConfig) -> "RunFolder":
+        """A new run folder holding ``config``; refuses a folder that already holds a run."""
+        run = cls(path)
+        if run.config_path.exists():
+            raise ConfigError(f"Run folder '{run.path}' already holds a run; pass --resume to continue it or choose another folder.")
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.config_path, _yaml(config))
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunFolder":
+        run = cls(path)
+        if not run.path.is_dir():
+            raise CheckpointError(f"Run folder '{run.path}' does not exist; pass the folder printed by 'metalab train'.")
+        if not run.config_path.exists():
+            raise CheckpointError(f"'{run.path}' is not a metalab run folder (no config.yaml); pass the folder printed by 'metalab train'.")
+        return run
+
+    def config(self) -> RunConfig:
+        return RunConfig.load(self.config_path)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash is dropped, never fatal
+        return out
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only records up to ``step`` (a resumed run re-logs what came after)."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def prune_checkpoints(self, keep: int) -> None:
+        for _, path in list_checkpoints(self.path)[:-keep]:
+            path.unlink(missing_ok=True)
+
+    def write_eval(self, results: dict) -> None:
+        write_text_atomic(self.eval_path, json.dumps(results, indent=2) + "\n")
+
+
+def default_run_dir(name: str, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _yaml(config: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,28 @@
+"""Errors that speak the user's language.
+
+Every error metalab raises on bad input is a :class:`MetalabError`: one sentence that names the
+file, class, field or argument at fault and says how to fix it. The CLI prints the message alone
+(no traceback); library users can catch the specific subclass.
+"""
+
+from __future__ import annotations
+
+
+class MetalabError(Exception):
+    """Base class for every user-facing metalab error."""
+
+
+class DataError(MetalabError, ValueError):
+    """A data source is missing, empty or malformed, or too small for the requested episodes."""
+
+
+class ConfigError(MetalabError, ValueError):
+    """A configuration value or argument is invalid (unknown algorithm, bad shape, bad range)."""
+
+
+class CheckpointError(MetalabError):
+    """A checkpoint or run folder is missing, truncated, corrupt or incompatible."""
+
+
+class TrainingDiverged(MetalabError):
+    """The meta-training loss became NaN or infinite; the last good checkpoint is kept."""

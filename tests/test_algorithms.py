@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from metalab.algorithms import build_algorithm
+from metalab.algorithms.maml import MAML
+from metalab.data import EpisodeSampler
+from metalab.errors import ConfigError
+from metalab.models import build_backbone
+
+from helpers import cluster_config, test_accuracy as accuracy_on_test, train_on
+
+CHANCE_5WAY = 0.2
+
+
+@pytest.mark.parametrize("algo,options", [
+    ("protonet", {"lr": 1e-2}),
+    ("maml", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
+    ("fomaml", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
+])
+def test_learner_beats_chance_and_its_untrained_self_on_unseen_classes(algo, options, clusters, tmp_path):
+    options = dict(options)
+    train = {"lr": options.pop("lr")} if "lr" in options else {}
+    trainer = train_on(clusters, cluster_config(algo, steps=150, algo_options=options, **train), tmp_path / algo)
+    before = accuracy_on_test(trainer)
+    trainer.train()
+    after = accuracy_on_test(trainer)
+    assert after > CHANCE_5WAY + 0.35, f"{algo}: {after:.3f} is too close to chance"
+    assert after > before + 0.15, f"{algo}: trained {after:.3f} vs untrained {before:.3f}"
+
+
+def _conv_batch(omniglot, tasks=3, ways=5):
+    sampler = EpisodeSampler(omniglot, ways=ways, shots=1, queries=3, tasks=tasks, seed=1)
+    return sampler.sample(0)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_maml_loop_and_vmap_agree_on_loss_and_gradients(omniglot, first_order, dtype, atol):
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch")
+    maml = MAML(backbone, inner_lr=0.4, inner_steps=2, first_order=first_order).to(dtype)
+    torch.nn.init.normal_(maml.head_weight, std=0.1)
+    batch = _conv_batch(omniglot)
+    batch.support_x, batch.query_x = batch.support_x.to(dtype), batch.query_x.to(dtype)
+    grads = {}
+    for execution in ("loop", "vmap"):
+        maml.execution = execution
+        maml.zero_grad()
+        loss, _ = maml.meta_loss(maml.params(), batch)
+        loss.backward()
+        grads[execution] = (loss.detach(), {k: p.grad.clone() for k, p in maml.named_parameters()})
+    (l1, g1), (l2, g2) = grads["loop"], grads["vmap"]
+    assert torch.allclose(l1, l2, atol=atol)
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=atol, rtol=1e-4), k
+
+
+def test_second_order_gradients_differ_from_first_order(omniglot):
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch")
+    maml = MAML(backbone, inner_lr=0.4, inner_steps=1)
+    torch.nn.init.normal_(maml.head_weight, std=0.1)
+    batch = _conv_batch(omniglot)
+    out = []
+    for fo in (False, True):
+        maml.first_order = fo
+        maml.zero_grad()
+        maml.meta_loss(maml.params(), batch)[0].backward()
+        out.append(maml.backbone.blocks[0][0].weight.grad.clone())
+    assert not torch.allclose(out[0], out[1], atol=1e-6)
+
+
+def test_maml_head_adapts_to_any_number_of_ways(omniglot):
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch")
+    maml = MAML(backbone, test_inner_steps=2)
+    for ways in (3, 20):
+        b = _conv_batch(omniglot, tasks=1, ways=ways)
+        predictor = maml.adapt(maml.params(), b.support_x[0], b.support_y[0], ways)
+        assert predictor.logits(b.query_x[0]).shape == (3 * ways, ways)
+
+
+def test_predictor_agrees_with_batched_features_path(omniglot):
+    proto = build_algorithm("protonet", build_backbone("conv4", (1, 28, 28), hidden=16)).eval()
+    b = _conv_batch(omniglot, tasks=2)
+    params = proto.params()
+    with torch.no_grad():
+        z_s = proto.encode(params, b.support_x.flatten(0, 1)).view(2, 5, -1)
+        z_q = proto.encode(params, b.query_x.flatten(0, 1)).view(2, 15, -1)
+        batched = proto.classify_features(z_s, b.support_y, z_q, 5)
+    for t in range(2):
+        single = proto.adapt(params, b.support_x[t], b.support_y[t], 5).logits(b.query_x[t])
+        assert torch.allclose(single, batched[t], atol=1e-4)
+
+
+def test_unknown_algorithm_and_options_are_named():
+    backbone = build_backbone("mlp", (8,))
+    with pytest.raises(ConfigError, match=r"Unknown algorithm 'mamll'; choose one of: fomaml, maml, protonet"):
+        build_algorithm("mamll", backbone)
+    with pytest.raises(ConfigError, match=r"\['inner_lr'\] do not apply to algorithm 'protonet'"):
+        build_algorithm("protonet", backbone, {"inner_lr": 0.1})
+    with pytest.raises(ConfigError, match="backbone 'conv4' needs image examples"):
+        build_backbone("conv4", (8,))

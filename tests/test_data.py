@@ -1,0 +1,95 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metalab.data import omniglot_canonical_split, split_by_class, with_rotations
+from metalab.data.catalog import load_source, load_splits
+from metalab.data.folders import load_image_folder, load_npz
+from metalab.data.omniglot import load_omniglot
+from metalab.errors import DataError
+
+
+def test_omniglot_counts_each_character_once(omniglot):
+    assert omniglot.num_classes == 242  # 136 + 106 after de-duplicating Greek and Latin
+    assert omniglot.num_domains == 8
+    assert omniglot.x.shape == (4840, 1, 28, 28) and omniglot.x.dtype == torch.uint8
+    assert (omniglot.class_counts() == 20).all()
+    # ink is high: most pixels are background (0)
+    assert omniglot.x.float().mean() < 60
+
+
+def test_second_omniglot_load_is_cached_and_fast(omniglot):
+    start = time.perf_counter()
+    again = load_omniglot(28)
+    assert time.perf_counter() - start < 1.0
+    assert torch.equal(again.x, omniglot.x)
+
+
+def test_canonical_split_is_disjoint_and_documented(omniglot):
+    s = omniglot_canonical_split(omniglot, val_fraction=0.1, seed=0)
+    assert set(s.test.domain_names) == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
+    assert set(s.train.domain_names) == {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"}
+    names = [set(x.class_names) for x in (s.train, s.val, s.test)]
+    assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
+    assert s.train.num_classes + s.val.num_classes == 136 and s.test.num_classes == 106
+    assert "katakana" in s.description
+    # the carve-out is fixed by its seed
+    assert omniglot_canonical_split(omniglot, 0.1, 0).val.class_names == s.val.class_names
+    assert omniglot_canonical_split(omniglot, 0.1, 1).val.class_names != s.val.class_names
+
+
+def test_rotations_only_touch_meta_train():
+    s = load_splits("omniglot", rotations=True)
+    assert s.train.num_classes == 4 * 122 and s.test.num_classes == 106
+    assert not any("@rot" in n for n in s.test.class_names + s.val.class_names)
+    r = with_rotations(s.test.subset([0]))
+    assert torch.equal(r.x[r.y == 1][0], torch.rot90(r.x[r.y == 0][0], 1, dims=(1, 2)))
+
+
+def test_random_class_split_is_disjoint(clusters):
+    s = split_by_class(clusters, 0.1, 0.2, seed=0)
+    assert not set(s.train.class_names) & set(s.test.class_names)
+    assert s.train.num_classes + s.val.num_classes + s.test.num_classes == clusters.num_classes
+
+
+def _write_png(path, value):
+    Image.fromarray(np.full((12, 12), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_source(tmp_path):
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            _write_png(tmp_path / c / f"{i}.png", 200 if c == "cat" else 20)
+    src = load_image_folder(tmp_path, image_size=16)
+    assert src.class_names == ["cat", "dog"] and src.x.shape == (6, 1, 16, 16)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match=r"'.*nope' is neither a bundled dataset .* nor an existing path"):
+        load_source(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "nope")
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_image_folder(tmp_path)
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataError, match=r"empty_class' has no images"):
+        load_image_folder(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    _write_png(tmp_path / "empty_class" / "a.png", 0)
+    with pytest.raises(DataError, match=r"broken.png' cannot be read"):
+        load_image_folder(tmp_path)
+
+
+def test_npz_source_and_errors(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.random.rand(10, 3).astype(np.float32), y=np.array(list("aabbccddee")))
+    src = load_npz(tmp_path / "d.npz")
+    assert src.class_names == list("abcde") and src.x.shape == (10, 3)
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((3, 2)))
+    with pytest.raises(DataError, match="no array 'y'"):
+        load_npz(tmp_path / "nolabels.npz")
