@@ -150,7 +150,7 @@ def datasets() -> None:
 @app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/demo-<time>)."),
-    time_budget: float = typer.Option(300.0, help="Seconds of meta-training (the whole demo stays under 10 min on 2 CPU cores)."),
+    time_budget: float = typer.Option(420.0, help="Seconds of meta-training (the whole demo stays under 10 min on 2 CPU cores)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Meta-train a Prototypical Network on Omniglot's canonical split, then evaluate on unseen alphabets."""

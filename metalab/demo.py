@@ -13,7 +13,7 @@ from metalab.engine.run import default_run_dir
 from metalab.engine.trainer import MetaTrainer
 
 
-def demo_config(time_budget: float = 300.0) -> RunConfig:
+def demo_config(time_budget: float = 420.0) -> RunConfig:
     """The demo's recipe: 60-way 1-shot 5-query training episodes (higher way than tested, as in
     Snell et al.), rotation classes, small random affine jitter, Adam 2e-3 with warm-up and cosine decay annealed over
     whichever comes first of 1000 steps or ``time_budget`` seconds."""
@@ -27,7 +27,7 @@ def demo_config(time_budget: float = 300.0) -> RunConfig:
     )
 
 
-def run_demo(out: str | Path | None = None, time_budget: float = 300.0, show_progress: bool = True,
+def run_demo(out: str | Path | None = None, time_budget: float = 420.0, show_progress: bool = True,
              log: Callable[[str], None] = print) -> dict:
     start = time.perf_counter()
     config = demo_config(time_budget)

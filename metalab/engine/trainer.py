@@ -9,6 +9,7 @@ resumed from a checkpoint retraces the uninterrupted run's numbers exactly.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,30 @@ from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
 from metalab.errors import CheckpointError, ConfigError, TrainingDiverged
 from metalab.models import build_backbone
+
+
+RNG_PREFIX = "rng."
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """Global random generator states (episodes and jitter are step-seeded and need none)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def split_rng_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    model = {k: v for k, v in state.items() if not k.startswith(RNG_PREFIX)}
+    rng = {k[len(RNG_PREFIX):]: v for k, v in state.items() if k.startswith(RNG_PREFIX)}
+    return model, rng
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,7 +126,9 @@ class MetaTrainer:
             self.run.truncate_metrics(-1)
             return
         step, path, (model_state, optim_state, info) = found
+        model_state, rng = split_rng_state(model_state)
         self.algorithm.load_state_dict(model_state)
+        set_rng_state(rng)
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state)
         self.start_step, self.elapsed_before = step, float(info.get("elapsed", 0.0))
@@ -112,7 +139,8 @@ class MetaTrainer:
         path = self.run.checkpoint_path(step)
         info = {"step": step, "elapsed": elapsed, "algo": self.config.train.algo,
                 "example_shape": list(self.splits.train.x.shape[1:])}
-        save_checkpoint(path, self.algorithm.state_dict(), self.optimizer.state_dict(), info)
+        state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()}}
+        save_checkpoint(path, state, self.optimizer.state_dict(), info)
         self.run.prune_checkpoints(self.config.train.keep_checkpoints)
         return path
 
@@ -199,10 +227,17 @@ def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Pat
     if checkpoint is not None:
         model_state, _, info = load_checkpoint(Path(checkpoint))
     else:
-        found = latest_good_checkpoint(run.path)
+        problems: list[str] = []
+        found = latest_good_checkpoint(run.path, warn=problems.append)
         if found is None:
-            raise CheckpointError(f"Run folder '{run.path}' has no usable checkpoint; train it first (metalab train).")
+            why = " ".join(p.removeprefix("warning: ").removesuffix(" Using the previous checkpoint.") for p in problems)
+            raise CheckpointError(
+                f"Run folder '{run.path}' has no usable checkpoint" + (f": {why}" if why else "; train it first (metalab train).")
+            )
+        for problem in problems:
+            print(problem, file=sys.stderr)
         _, _, (model_state, _, info) = found
+    model_state, _ = split_rng_state(model_state)
     dev = resolve_device(device)
     algorithm = build_model(config, tuple(info["example_shape"]), dev)
     try:

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from metalab.engine import MetaTrainer, RunConfig, RunFolder, load_trained
+from metalab.engine.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint
+from metalab.errors import CheckpointError, ConfigError, TrainingDiverged
+
+from helpers import cluster_config, cluster_splits
+
+
+def _trainer(clusters, run_dir, resume=False, **train):
+    cfg = cluster_config("protonet", steps=40, lr=1e-2, checkpoint_every=10, log_every=5, val_every=20, **train)
+    return MetaTrainer(cfg, run_dir, splits=cluster_splits(clusters), resume=resume, show_progress=False, log=lambda m: None)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(clusters, tmp_path):
+    straight = _trainer(clusters, tmp_path / "straight")
+    straight.train()
+
+    broken = _trainer(clusters, tmp_path / "broken")
+    original = broken._prepare
+
+    def crash_at_25(step):
+        if step == 25:
+            raise Interrupt()
+        return original(step)
+
+    broken._prepare = crash_at_25
+    with pytest.raises(Interrupt):
+        broken.train()
+    assert [s for s, _ in list_checkpoints(tmp_path / "broken")] == [10, 20]
+
+    torch.manual_seed(12345)  # whatever the global RNG holds now, resume restores the saved state
+    resumed = _trainer(clusters, tmp_path / "broken", resume=True)
+    assert resumed.start_step == 20
+    _, _, (state, _, _) = latest_good_checkpoint(tmp_path / "broken")
+    assert torch.equal(torch.get_rng_state(), state["rng.torch"])
+    resumed.train()
+
+    a, b = RunFolder(tmp_path / "straight").metrics(), RunFolder(tmp_path / "broken").metrics()
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # no duplicated or missing records
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["acc"] == rb["acc"]
+        assert ra.get("val_acc") == rb.get("val_acc")
+    for (k, va), (_, vb) in zip(straight.algorithm.state_dict().items(), resumed.algorithm.state_dict().items()):
+        assert torch.equal(va, vb), k
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(clusters, tmp_path):
+    trainer = _trainer(clusters, tmp_path / "run")
+    original = trainer._prepare
+
+    def poisoned(step):
+        batch = original(step)
+        if step == 13:
+            batch.query_x[0, 0, 0] = float("nan")
+        return batch
+
+    trainer._prepare = poisoned
+    with pytest.raises(TrainingDiverged, match=r"stopped at step 13.*non-finite.*checkpoint-0000010.safetensors.*Lower train.lr"):
+        trainer.train()
+    steps = [s for s, _ in list_checkpoints(tmp_path / "run")]
+    assert steps == [10]
+    model_state, _, info = load_checkpoint(tmp_path / "run" / "checkpoint-0000010.safetensors")
+    assert info["step"] == 10 and all(torch.isfinite(v).all() for v in model_state.values() if v.is_floating_point())
+
+
+def test_corrupt_checkpoint_is_named_and_previous_one_used(clusters, tmp_path):
+    _trainer(clusters, tmp_path / "run").train()
+    ckpts = list_checkpoints(tmp_path / "run")
+    newest = ckpts[-1][1]
+    data = bytearray(newest.read_bytes())
+    data[-20] ^= 0xFF  # flip bits inside the tensor data
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"'{newest}' fails its checksum"):
+        load_checkpoint(newest)
+    warnings = []
+    step, path, _ = latest_good_checkpoint(tmp_path / "run", warn=warnings.append)
+    assert path == ckpts[-2][1] and "fails its checksum" in warnings[0]
+
+    ckpts[-2][1].write_bytes(ckpts[-2][1].read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(ckpts[-2][1])
+
+
+def test_load_trained_rejects_folders_without_runs(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_trained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a metalab run folder"):
+        load_trained(tmp_path / "empty")
+
+
+def test_new_run_refuses_to_overwrite_an_existing_one(clusters, tmp_path):
+    _trainer(clusters, tmp_path / "run")
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        _trainer(clusters, tmp_path / "run")
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stpes'\]"):
+        RunConfig.from_dict({"train": {"stpes": 3}})
+    with pytest.raises(ConfigError, match=r"train.steps=0 is invalid"):
+        RunConfig.from_dict({"train": {"steps": 0}})
+    with pytest.raises(ConfigError, match=r"eval.settings entry"):
+        RunConfig.from_dict({"eval": {"settings": [[5]]}})
