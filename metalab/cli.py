@@ -20,12 +20,17 @@ err_console = Console(stderr=True)
 
 
 def _results_table(record: dict, title: str) -> Table:
+    regression = any(r.get("metric") == "mse" for r in record["results"])
     table = Table(title=title)
-    for col in ("setting", "accuracy (%)", "95 % CI (±)", "episodes", "queries/class"):
+    for col in ("setting", "MSE" if regression else "accuracy (%)", "95 % CI (±)", "episodes", "queries"):
         table.add_column(col, justify="right")
     for r in record["results"]:
-        table.add_row(f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['mean']:.2f}", f"{100 * r['ci95']:.2f}",
-                      str(r["episodes"]), str(r["queries"]))
+        if r.get("metric") == "mse":
+            table.add_row(f"{r['shots']}-shot, {r['steps'] or 'default'} steps", f"{r['mean']:.4f}", f"{r['ci95']:.4f}",
+                          str(r["episodes"]), str(r["queries"]))
+        else:
+            table.add_row(f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['mean']:.2f}", f"{100 * r['ci95']:.2f}",
+                          str(r["episodes"]), f"{r['queries']}/class")
     return table
 
 
@@ -48,8 +53,8 @@ def _parse_value(text: str):
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections data/train/eval)."),
-    algo: Optional[str] = typer.Option(None, help="Algorithm: protonet, maml, fomaml."),
-    data: Optional[str] = typer.Option(None, help="'omniglot', an image folder root/<class>/*.png, or an .npz file."),
+    algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
+    data: Optional[str] = typer.Option(None, help="'omniglot', 'sinusoid', an image folder root/<class>/*.png, or an .npz file."),
     ways: Optional[int] = typer.Option(None, help="Classes per training task."),
     shots: Optional[int] = typer.Option(None, help="Support examples per class."),
     queries: Optional[int] = typer.Option(None, help="Query examples per class."),
@@ -95,7 +100,8 @@ def train(
         cfg = RunConfig.from_dict(raw, origin=str(config) if config else "command line")
         run_dir = out or default_run_dir(cfg.name)
     trainer = MetaTrainer(cfg, run_dir, resume=resume is not None, show_progress=progress, log=console.print)
-    console.print(f"[bold]split:[/] {trainer.splits.description}")
+    if trainer.splits is not None:
+        console.print(f"[bold]split:[/] {trainer.splits.description}")
     result = trainer.train()
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if evaluate_after:
@@ -130,6 +136,19 @@ def eval_(
     record = evaluate_run(run, _parse_settings(setting), episodes, device, show_progress=progress, split=split)
     console.print(f"split: {record['split_description']}")
     console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
+
+
+@app.command()
+def algorithms() -> None:
+    """List the algorithms, what they do and the options they accept."""
+    from metalab.algorithms import ALGORITHMS
+
+    table = Table(title="algorithms")
+    for col in ("name", "tasks", "options (train.algo_options)", "what"):
+        table.add_column(col)
+    for name, spec in ALGORITHMS.items():
+        table.add_row(name, ", ".join(spec.tasks), ", ".join(spec.options) or "-", spec.summary)
+    console.print(table)
 
 
 @app.command()

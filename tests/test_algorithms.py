@@ -16,6 +16,14 @@ CHANCE_5WAY = 0.2
     ("protonet", {"lr": 1e-2}),
     ("maml", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
     ("fomaml", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
+    ("reptile", {"inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 10, "lr": 1e-2}),
+    ("metasgd", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
+    ("anil", {"inner_lr": 0.5, "inner_steps": 5, "test_inner_steps": 10, "lr": 1e-2}),
+    ("matchingnet", {"lr": 1e-2}),
+    ("r2d2", {"lr": 1e-2}),
+    ("baseline", {"lr": 1e-2}),
+    ("baseline++", {"lr": 1e-2}),
+    ("multitask", {"lr": 1e-2}),
 ])
 def test_learner_beats_chance_and_its_untrained_self_on_unseen_classes(algo, options, clusters, tmp_path):
     options = dict(options)
@@ -94,9 +102,33 @@ def test_predictor_agrees_with_batched_features_path(omniglot):
 
 def test_unknown_algorithm_and_options_are_named():
     backbone = build_backbone("mlp", (8,))
-    with pytest.raises(ConfigError, match=r"Unknown algorithm 'mamll'; choose one of: fomaml, maml, protonet"):
+    with pytest.raises(ConfigError, match=r"Unknown algorithm 'mamll'; choose one of: anil, baseline, baseline\+\+, fomaml"):
         build_algorithm("mamll", backbone)
     with pytest.raises(ConfigError, match=r"\['inner_lr'\] do not apply to algorithm 'protonet'"):
         build_algorithm("protonet", backbone, {"inner_lr": 0.1})
     with pytest.raises(ConfigError, match="backbone 'conv4' needs image examples"):
         build_backbone("conv4", (8,))
+
+
+def test_metasgd_learns_its_inner_step_sizes(clusters, tmp_path):
+    trainer = train_on(clusters, cluster_config("metasgd", steps=30, algo_options={"inner_lr": 0.5}), tmp_path / "m")
+    trainer.train()
+    lrs = torch.cat([p.flatten() for p in trainer.algorithm.inner_lrs_])
+    assert not torch.allclose(lrs, torch.full_like(lrs, 0.5))
+
+
+@pytest.mark.parametrize("algo", ["baseline", "baseline++", "multitask", "anil", "r2d2", "matchingnet", "reptile", "metasgd"])
+def test_every_algorithm_adapts_to_a_new_task_through_the_predictor_api(algo, clusters, tmp_path):
+    trainer = train_on(clusters, cluster_config(algo, steps=2), tmp_path / algo)
+    alg = trainer.algorithm.eval()
+    batch = EpisodeSampler(trainer.splits.test, ways=4, shots=2, queries=3, tasks=1).sample(0)
+    predictor = alg.adapt(alg.params(), batch.support_x[0], batch.support_y[0], 4)
+    assert predictor.logits(batch.query_x[0]).shape == (12, 4)
+    assert predictor.predict(batch.query_x[0]).max() < 4
+
+
+def test_regression_only_algorithms_refuse_classification():
+    with pytest.raises(ConfigError, match="Algorithm 'pretrained' does not do classification; algorithms for classification: anil"):
+        build_algorithm("pretrained", build_backbone("mlp", (8,)))
+    with pytest.raises(ConfigError, match="Algorithm 'protonet' does not do regression"):
+        build_algorithm("protonet", build_backbone("mlp", (8,)), context={"task": "regression"})

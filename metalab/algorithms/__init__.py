@@ -1,44 +1,95 @@
-"""Algorithms by name. Each lives in its own module behind :class:`~metalab.algorithms.base.Algorithm`."""
+"""Algorithms by name. Each lives in its own module behind :class:`~metalab.algorithms.base.Algorithm`.
+
+``build_algorithm(name, backbone, options, context)``: ``options`` are the method's
+hyper-parameters (``train.algo_options``); ``context`` is what the data says (``task``:
+classification or regression, ``num_classes`` and ``class_domains`` of meta-train, ``outputs``
+for regression). The context is stored in checkpoints, so a run reloads without its data.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
-from metalab.algorithms.base import Algorithm, Predictor
+from metalab.algorithms.anil import ANIL
+from metalab.algorithms.base import Algorithm, FeatureHeadAlgorithm, Predictor
+from metalab.algorithms.baseline import Baseline, baseline_pp
 from metalab.algorithms.maml import MAML, first_order_maml
+from metalab.algorithms.matchingnet import MatchingNet
+from metalab.algorithms.metasgd import MetaSGD
+from metalab.algorithms.multitask import MultiTask
+from metalab.algorithms.pretrained import Pretrained
 from metalab.algorithms.protonet import ProtoNet
+from metalab.algorithms.r2d2 import R2D2
+from metalab.algorithms.reptile import Reptile
 from metalab.errors import ConfigError
 
-#: name → (factory(backbone, **options), backbone norm it expects, options it accepts)
-ALGORITHMS: dict[str, tuple[Callable[..., Algorithm], str, tuple[str, ...]]] = {
-    "protonet": (ProtoNet, "batch", ()),
-    "maml": (MAML, "task-batch", ("inner_lr", "inner_steps", "test_inner_steps", "execution")),
-    "fomaml": (first_order_maml, "task-batch", ("inner_lr", "inner_steps", "test_inner_steps", "execution")),
+_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution")
+_HEAD_OPTIONS = ("scale", "finetune_steps", "finetune_lr")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    build: Callable[..., Algorithm]  #: (backbone, context, **options) -> Algorithm
+    norm: str  #: the backbone normalisation it expects
+    options: tuple[str, ...]  #: accepted hyper-parameters
+    tasks: tuple[str, ...] = ("classification",)
+    summary: str = ""
+    needs_classes: bool = False  #: needs the meta-train classes (num_classes, class_domains) in its context
+
+
+def _gradient_based(factory):
+    return lambda backbone, ctx, **o: factory(backbone, task=ctx.get("task", "classification"),
+                                              outputs=ctx.get("outputs", 1), **o)
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "protonet": AlgorithmSpec(lambda b, ctx, **o: ProtoNet(b, **o), "batch", (), summary="Prototypical Networks (Snell et al. 2017)"),
+    "matchingnet": AlgorithmSpec(lambda b, ctx, **o: MatchingNet(b, **o), "batch", ("scale",), summary="Matching Networks, cosine attention (Vinyals et al. 2016)"),
+    "r2d2": AlgorithmSpec(lambda b, ctx, **o: R2D2(b, **o), "batch", ("lam", "scale"), summary="closed-form ridge head (Bertinetto et al. 2019)"),
+    "anil": AlgorithmSpec(lambda b, ctx, **o: ANIL(b, **o), "batch", ("inner_lr", "inner_steps", "test_inner_steps", "first_order"), summary="inner loop on the head only (Raghu et al. 2020)"),
+    "maml": AlgorithmSpec(_gradient_based(MAML), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "second-order MAML (Finn et al. 2017)"),
+    "fomaml": AlgorithmSpec(_gradient_based(first_order_maml), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "first-order MAML"),
+    "reptile": AlgorithmSpec(_gradient_based(Reptile), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "Reptile (Nichol et al. 2018)"),
+    "metasgd": AlgorithmSpec(_gradient_based(MetaSGD), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "learned per-parameter inner step sizes (Li et al. 2017)"),
+    "baseline": AlgorithmSpec(lambda b, ctx, **o: Baseline(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="pre-train on all classes, new linear head (Chen et al. 2019)", needs_classes=True),
+    "baseline++": AlgorithmSpec(lambda b, ctx, **o: baseline_pp(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="cosine-classifier pre-training and head (Chen et al. 2019)", needs_classes=True),
+    "multitask": AlgorithmSpec(lambda b, ctx, **o: MultiTask(b, torch.as_tensor(ctx["class_domains"]), **o), "batch", _HEAD_OPTIONS, summary="shared encoder, one head per training domain, new head per task", needs_classes=True),
+    "pretrained": AlgorithmSpec(_gradient_based(Pretrained), "task-batch", ("inner_lr", "test_inner_steps"), ("regression",), "pooled-data regression net, fine-tuned per task (MAML paper's baseline)"),
 }
 
 
-def algorithm_norm(name: str) -> str:
-    return _lookup(name)[1]
-
-
-def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None) -> Algorithm:
-    """An algorithm by name; ``options`` are its hyper-parameters (unknown ones are an error)."""
-    factory, _, accepted = _lookup(name)
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"Option(s) {unknown} do not apply to algorithm '{name}'; it accepts: {list(accepted) or 'none'}."
-        )
-    return factory(backbone, **options)
-
-
-def _lookup(name: str):
+def algorithm_spec(name: str) -> AlgorithmSpec:
     if name not in ALGORITHMS:
         raise ConfigError(f"Unknown algorithm '{name}'; choose one of: {', '.join(sorted(ALGORITHMS))}.")
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Predictor", "algorithm_norm", "build_algorithm"]
+def algorithm_norm(name: str) -> str:
+    return algorithm_spec(name).norm
+
+
+def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None, context: dict | None = None) -> Algorithm:
+    """An algorithm by name; ``options`` are its hyper-parameters (unknown ones are an error)."""
+    spec = algorithm_spec(name)
+    context = dict(context or {})
+    task = context.get("task", "classification")
+    if task not in spec.tasks:
+        raise ConfigError(f"Algorithm '{name}' does not do {task}; algorithms for {task}: "
+                          f"{', '.join(sorted(n for n, s in ALGORITHMS.items() if task in s.tasks))}.")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ConfigError(
+            f"Option(s) {unknown} do not apply to algorithm '{name}'; it accepts: {list(spec.options) or 'none'}."
+        )
+    if spec.needs_classes and not {"num_classes", "class_domains"} <= set(context):
+        raise ConfigError(f"Algorithm '{name}' needs the meta-train classes in its context (num_classes, class_domains).")
+    return spec.build(backbone, context, **options)
+
+
+__all__ = ["ALGORITHMS", "ANIL", "Algorithm", "Baseline", "FeatureHeadAlgorithm", "MAML", "MatchingNet", "MetaSGD",
+           "MultiTask", "Predictor", "ProtoNet", "R2D2", "Reptile", "algorithm_norm", "algorithm_spec", "build_algorithm"]

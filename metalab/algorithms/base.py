@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -78,9 +79,41 @@ class Algorithm(nn.Module):
             out.append(predictor.logits(batch.query_x[t]))
         return torch.stack(out)
 
-    def classify_features(self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor, ways: int) -> torch.Tensor:
+    def classify_features(self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor, ways: int,
+                          params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """For ``frozen_features`` algorithms: ``[T, N*K, D]``, ``[T, N*K]``, ``[T, M, D]`` → ``[T, M, N]``."""
         raise NotImplementedError
+
+
+class FeatureHeadAlgorithm(Algorithm):
+    """Methods that embed every example with one shared backbone and solve each task with a
+    head on those features (ProtoNet, Matching Nets, R2D2, ANIL): the backbone runs once over
+    every image of the meta-batch, heads are batched over tasks.
+
+    Subclasses implement ``classify_features(support_z, support_y, query_z, ways, params)``.
+    """
+
+    frozen_features = True
+
+    def encode_episodes(self, params, batch: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support and query features ``[T, N*K, D]``, ``[T, N*Q, D]`` from one backbone pass."""
+        t, s, q = batch.tasks, batch.support_x.shape[1], batch.query_x.shape[1]
+        z = self.encode(params, torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)]))
+        return z[: t * s].view(t, s, -1), z[t * s :].view(t, q, -1)
+
+    def meta_loss(self, params, batch: Episodes):
+        support_z, query_z = self.encode_episodes(params, batch)
+        logits = self.classify_features(support_z, batch.support_y, query_z, batch.ways, params)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return loss, {"loss": loss.item(), "acc": accuracy(logits.detach(), batch.query_y).mean().item()}
+
+    def adapt(self, params, support_x, support_y, ways):
+        with torch.no_grad():
+            support_z = self.encode(params, support_x)[None]
+        return Predictor(
+            lambda x: self.classify_features(support_z, support_y[None], self.encode(params, x)[None], ways, params)[0],
+            {"support_features": support_z[0], "support_labels": support_y},
+        )
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,15 @@ parameter dict (``torch.func.functional_call``); outer loss: the query loss of t
 weights. Second order differentiates through the inner steps (``create_graph=True``); first
 order treats the inner gradients as constants.
 
-The classifier head is one row (weight ``[1, D]``, bias ``[1]``) copied to every class at the
-start of adaptation (Ye & Chao, ICLR 2022, "How to train your MAML to excel in few-shot
-classification"), so a model meta-trained 5-way adapts to 20-way tasks as well and is invariant
-to the order of labels.
+For classification the head is one row (weight ``[1, D]``, bias ``[1]``) copied to every class
+at the start of adaptation (Ye & Chao, ICLR 2022, "How to train your MAML to excel in few-shot
+classification"), so a model meta-trained 5-way adapts to 20-way tasks and is invariant to the
+order of labels. For regression the head is a plain ``[outputs, D]`` linear layer and the loss
+is the mean squared error.
 
 Execution (``execution=``): ``"loop"`` runs tasks one after another, ``"vmap"`` batches them with
 ``torch.func.vmap``/``torch.func.grad``; ``"auto"`` picks ``loop`` on CPU (faster there, see
-FACTS.md) and ``vmap`` elsewhere. Both give the same loss and gradients.
+FACTS.md) and ``vmap`` elsewhere. Both give the same loss and gradients (tested).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from metalab.algorithms.base import Algorithm, Predictor, accuracy, sub_params
+from metalab.algorithms.base import Algorithm, Predictor, sub_params
 from metalab.data.episodes import Episodes
 from metalab.errors import ConfigError
 
@@ -40,39 +41,65 @@ class MAML(Algorithm):
         test_inner_steps: int = 10,
         first_order: bool = False,
         execution: str = "auto",
+        task: str = "classification",
+        outputs: int = 1,
     ) -> None:
         super().__init__(backbone)
         if execution not in ("auto", "loop", "vmap"):
             raise ConfigError(f"execution='{execution}' is unknown; use 'auto', 'loop' or 'vmap'.")
         if inner_steps < 1 or test_inner_steps < 1:
             raise ConfigError("inner_steps and test_inner_steps must be at least 1.")
-        self.head_weight = nn.Parameter(torch.zeros(1, backbone.out_dim))
-        self.head_bias = nn.Parameter(torch.zeros(1))
+        if task not in ("classification", "regression"):
+            raise ConfigError(f"task='{task}' is unknown; use 'classification' or 'regression'.")
+        rows = 1 if task == "classification" else outputs
+        self.head_weight = nn.Parameter(torch.zeros(rows, backbone.out_dim))
+        self.head_bias = nn.Parameter(torch.zeros(rows))
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
-        self.first_order, self.execution = first_order, execution
+        self.first_order, self.execution, self.task = first_order, execution, task
         if first_order:
             self.name = "fomaml"
 
     # -- functional pieces -------------------------------------------------------------------
     def task_init(self, params: Params, ways: int) -> Params:
-        """The starting point of adaptation: backbone weights, head row copied ``ways`` times."""
-        fast = sub_params(params, "backbone.")
-        fast = {f"backbone.{k}": v for k, v in fast.items()}
-        fast["head.weight"] = params["head_weight"].expand(ways, -1)
-        fast["head.bias"] = params["head_bias"].expand(ways)
+        """The starting point of adaptation: backbone weights and the head (its row copied
+        ``ways`` times for classification)."""
+        fast = {k: v for k, v in params.items() if k.startswith("backbone.")}
+        if self.task == "classification":
+            fast["head.weight"] = params["head_weight"].expand(ways, -1)
+            fast["head.bias"] = params["head_bias"].expand(ways)
+        else:
+            fast["head.weight"], fast["head.bias"] = params["head_weight"], params["head_bias"]
         return fast
 
+    def inner_lrs(self, params: Params) -> dict[str, float | torch.Tensor]:
+        """Step size of each fast weight (a constant here; learned per parameter in Meta-SGD)."""
+        return {k: self.inner_lr for k in self.task_init(params, 1)}
+
     def forward_fast(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
-        """``[B, ...]`` → logits ``[B, ways]`` under task weights ``fast``."""
+        """``[B, ...]`` → ``[B, ways]`` logits (or ``[B, outputs]`` predictions) under ``fast``."""
         z = functional_call(self.backbone, sub_params(fast, "backbone."), (x,))
         return z @ fast["head.weight"].T + fast["head.bias"]
 
+    def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)
+
+    def score(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Accuracy (classification) or mean squared error (regression) of one task."""
+        if self.task == "classification":
+            return (out.argmax(-1) == y).float().mean()
+        return F.mse_loss(out, y)
+
+    @property
+    def metric_name(self) -> str:
+        return "acc" if self.task == "classification" else "mse"
+
     def inner_loop(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, ways: int, steps: int, create_graph: bool) -> Params:
         fast = self.task_init(params, ways)
+        lrs = self.inner_lrs(params)
         for _ in range(steps):
-            loss = F.cross_entropy(self.forward_fast(fast, sx), sy)
+            loss = self.loss_fn(self.forward_fast(fast, sx), sy)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-            fast = {k: w - self.inner_lr * g for (k, w), g in zip(fast.items(), grads)}
+            fast = {k: w - lrs[k] * g for (k, w), g in zip(fast.items(), grads)}
         return fast
 
     def _use_vmap(self, device: torch.device) -> bool:
@@ -81,24 +108,25 @@ class MAML(Algorithm):
     # -- the interface ----------------------------------------------------------------------
     def meta_loss(self, params: Params, batch: Episodes):
         if self._use_vmap(batch.support_x.device):
-            losses, accs = self._vmapped_losses(params, batch)
+            losses, scores = self._vmapped_losses(params, batch)
         else:
-            losses, accs = [], []
+            losses, scores = [], []
             create_graph = not self.first_order
             for t in range(batch.tasks):
                 fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
-                logits = self.forward_fast(fast, batch.query_x[t])
-                losses.append(F.cross_entropy(logits, batch.query_y[t]))
-                accs.append((logits.argmax(-1) == batch.query_y[t]).float().mean())
-            losses, accs = torch.stack(losses), torch.stack(accs)
+                out = self.forward_fast(fast, batch.query_x[t])
+                losses.append(self.loss_fn(out, batch.query_y[t]))
+                scores.append(self.score(out.detach(), batch.query_y[t]))
+            losses, scores = torch.stack(losses), torch.stack(scores)
         loss = losses.mean()
-        return loss, {"loss": loss.item(), "acc": accs.mean().item()}
+        return loss, {"loss": loss.item(), self.metric_name: scores.mean().item()}
 
     def _vmapped_losses(self, params: Params, batch: Episodes):
-        ways, steps, lr, first_order = batch.ways, self.inner_steps, self.inner_lr, self.first_order
+        ways, steps, first_order = batch.ways, self.inner_steps, self.first_order
+        lrs = self.inner_lrs(params)
 
         def support_loss(fast, sx, sy):
-            return F.cross_entropy(self.forward_fast(fast, sx), sy)
+            return self.loss_fn(self.forward_fast(fast, sx), sy)
 
         def task(sx, sy, qx, qy):
             fast = self.task_init(params, ways)
@@ -106,9 +134,9 @@ class MAML(Algorithm):
                 g = grad(support_loss)(fast, sx, sy)
                 if first_order:
                     g = {k: v.detach() for k, v in g.items()}
-                fast = {k: w - lr * g[k] for k, w in fast.items()}
-            logits = self.forward_fast(fast, qx)
-            return F.cross_entropy(logits, qy), (logits.argmax(-1) == qy).float().mean()
+                fast = {k: w - lrs[k] * g[k] for k, w in fast.items()}
+            out = self.forward_fast(fast, qx)
+            return self.loss_fn(out, qy), self.score(out.detach(), qy)
 
         return vmap(task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
@@ -122,6 +150,3 @@ class MAML(Algorithm):
 
 def first_order_maml(backbone: nn.Module, **kwargs) -> MAML:
     return MAML(backbone, first_order=True, **kwargs)
-
-
-__all__ = ["MAML", "first_order_maml", "accuracy"]

@@ -14,6 +14,23 @@ from metalab.errors import DataError
 BUNDLED = {
     "omniglot": "Omniglot minimal background sets (Lake et al. 2015, MIT): characters as classes, alphabets as domains",
 }
+TASK_FAMILIES = {
+    "sinusoid": "sinusoid regression y = A sin(x - phase), A in [0.1, 5], phase in [0, pi], x in [-5, 5] (Finn et al. 2017)",
+}
+
+
+def is_task_family(spec: str) -> bool:
+    """Whether ``spec`` names a generated task family (regression) rather than a labelled source."""
+    return spec in TASK_FAMILIES
+
+
+def load_task_family(spec: str, shots: int, queries: int, tasks: int, seed: int):
+    """A task family with the sampler interface (``tasks``, ``sample(index)``)."""
+    from metalab.data.sinusoid import SinusoidTasks
+
+    if spec == "sinusoid":
+        return SinusoidTasks(shots=shots, queries=queries, tasks=tasks, seed=seed)
+    raise DataError(f"'{spec}' is not a task family; known: {', '.join(TASK_FAMILIES)}.")
 
 
 def load_source(spec: str, image_size: int = 28) -> LabelledSource:

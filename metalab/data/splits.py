@@ -20,6 +20,11 @@ class Splits:
     description: str
 
 
+def _make_splits(source: LabelledSource, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, desc: str) -> Splits:
+    subset = lambda classes, part: source.subset(classes.sort().values, f"{source.name}:{part}")  # noqa: E731
+    return Splits(subset(train, "train"), subset(val, "val"), subset(test, "test"), desc)
+
+
 def _permuted(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
@@ -42,12 +47,7 @@ def split_by_class(
         f"random class split of '{source.name}' (seed {seed}): {len(train)} train / {len(val)} val / "
         f"{len(test)} test classes"
     )
-    return Splits(
-        source.subset(train.sort().values, f"{source.name}:train"),
-        source.subset(val.sort().values, f"{source.name}:val"),
-        source.subset(test.sort().values, f"{source.name}:test"),
-        desc,
-    )
+    return _make_splits(source, train, val, test, desc)
 
 
 def split_by_domain(
@@ -72,12 +72,7 @@ def split_by_domain(
         f"{len(val)} of them carved out for validation with seed {seed}); meta-test {sorted(test_domains)} "
         f"({len(test)} classes)"
     )
-    return Splits(
-        source.subset(train.sort().values, f"{source.name}:train"),
-        source.subset(val.sort().values, f"{source.name}:val"),
-        source.subset(test.sort().values, f"{source.name}:test"),
-        desc,
-    )
+    return _make_splits(source, train, val, test, desc)
 
 
 def omniglot_canonical_split(source: LabelledSource, val_fraction: float = 0.1, seed: int = 0) -> Splits:

@@ -13,7 +13,7 @@ from metalab.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    source: str = "omniglot"  #: 'omniglot', an image folder 'root/<class>/*.png', or an '.npz' with x, y
+    source: str = "omniglot"  #: 'omniglot', 'sinusoid', an image folder 'root/<class>/*.png', or an '.npz' with x, y
     image_size: int = 28
     val_fraction: float = 0.1  #: share of meta-train classes carved out for validation
     test_fraction: float = 0.2  #: share of classes held out for meta-test (sources without a canonical split)
@@ -52,6 +52,7 @@ class EvalConfig:
     queries: int = 15
     seed: int = 2024
     tasks_per_batch: int = 50
+    adapt_steps: list | None = None  #: regression: evaluate after each of these numbers of adaptation steps
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Few-shot evaluation as the field reports it: mean accuracy ± 95 % CI over many test episodes."""
+"""Few-shot evaluation as the field reports it: mean accuracy (or MSE for regression) ± 95 % CI
+over many test episodes."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ class EvalResult:
     shots: int
     queries: int
     episodes: int
-    mean: float  #: mean accuracy over episodes, in [0, 1]
+    mean: float  #: mean accuracy in [0, 1] (or mean squared error for regression) over episodes
     ci95: float  #: half-width of the 95 % confidence interval (1.96 · std / √episodes)
+    metric: str = "accuracy"
+    steps: int | None = None  #: adaptation steps, for gradient-based adaptation
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        return f"{self.ways}-way {self.shots}-shot: {100 * self.mean:.2f} ± {100 * self.ci95:.2f} %"
+        what = f"{self.shots}-shot" + (f", {self.steps} steps" if self.steps else "")
+        if self.metric == "mse":
+            return f"{what}: MSE {self.mean:.3f} ± {self.ci95:.3f}"
+        return f"{self.ways}-way {what}: {100 * self.mean:.2f} ± {100 * self.ci95:.2f} %"
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
@@ -48,6 +54,41 @@ def encode_source(algorithm: Algorithm, source: LabelledSource, device: torch.de
                           source.domain_names, name=f"{source.name}:features", meta=source.meta)
 
 
+def task_scores(algorithm: Algorithm, batch, features: bool, regression: bool = False, steps: int | None = None) -> torch.Tensor:
+    """Per-task accuracy ``[T]`` (or MSE for regression) of adapting to each task of ``batch``."""
+    if features:
+        with torch.no_grad():
+            logits = algorithm.classify_features(batch.support_x, batch.support_y, batch.query_x, batch.ways)
+        return accuracy(logits, batch.query_y)
+    params = algorithm.params()
+    if regression:
+        out = []
+        for t in range(batch.tasks):
+            predictor = algorithm.adapt(params, batch.support_x[t], batch.support_y[t], batch.ways, steps=steps)
+            out.append(torch.nn.functional.mse_loss(predictor.logits(batch.query_x[t]), batch.query_y[t]))
+        return torch.stack(out)
+    return accuracy(algorithm.task_logits(params, batch).detach(), batch.query_y)
+
+
+def evaluate_sampler(algorithm: Algorithm, sampler, episodes: int, device: torch.device | str = "cpu",
+                     features: bool = False, regression: bool = False, steps: int | None = None,
+                     description: str = "eval", show_progress: bool = True) -> torch.Tensor:
+    """Scores of ``episodes`` tasks drawn from ``sampler`` (anything with ``tasks`` and ``sample(i)``)."""
+    device = torch.device(device)
+    was_training = algorithm.training
+    algorithm.eval()
+    try:
+        scores, batches = [], math.ceil(episodes / sampler.tasks)
+        with progress_bar(description, batches, enabled=show_progress) as bar:
+            for i in range(batches):
+                batch = sampler.sample(i).to(device)
+                scores.append(task_scores(algorithm, batch, features, regression, steps).detach().cpu())
+                bar.advance()
+        return torch.cat(scores)[:episodes]
+    finally:
+        algorithm.train(was_training)
+
+
 def evaluate(
     algorithm: Algorithm,
     source: LabelledSource,
@@ -66,28 +107,27 @@ def evaluate(
     scored on the same tasks. ``frozen_features`` algorithms encode the source once and classify
     episodes over features (same numbers, far less compute).
     """
-    device = torch.device(device)
-    was_training = algorithm.training
-    algorithm.eval()
-    try:
-        features = algorithm.frozen_features
-        data = encode_source(algorithm, source, device) if features else source
-        sampler = EpisodeSampler(data, ways, shots, queries, tasks=min(tasks_per_batch, episodes), seed=seed)
-        params = algorithm.params()
-        accs = []
-        batches = math.ceil(episodes / sampler.tasks)
-        with progress_bar(f"eval {ways}w{shots}s", batches, enabled=show_progress) as bar:
-            for i in range(batches):
-                batch = sampler.sample(i).to(device)
-                with torch.no_grad() if features else torch.enable_grad():
-                    if features:
-                        logits = algorithm.classify_features(batch.support_x, batch.support_y, batch.query_x, ways)
-                    else:
-                        logits = algorithm.task_logits(params, batch)
-                accs.append(accuracy(logits.detach(), batch.query_y).cpu())
-                bar.advance()
-        values = torch.cat(accs)[:episodes]
-        mean, ci = mean_ci95(values)
-        return EvalResult(ways, shots, queries, int(values.numel()), mean, ci)
-    finally:
+    features = algorithm.frozen_features
+    if features:
+        was_training = algorithm.training
+        algorithm.eval()
+        data = encode_source(algorithm, source, torch.device(device))
         algorithm.train(was_training)
+    else:
+        data = source
+    sampler = EpisodeSampler(data, ways, shots, queries, tasks=min(tasks_per_batch, episodes), seed=seed)
+    values = evaluate_sampler(algorithm, sampler, episodes, device, features, description=f"eval {ways}w{shots}s",
+                              show_progress=show_progress)
+    mean, ci = mean_ci95(values)
+    return EvalResult(ways, shots, queries, int(values.numel()), mean, ci)
+
+
+def evaluate_regression(algorithm: Algorithm, family, steps: int, episodes: int = 600, device: torch.device | str = "cpu",
+                        show_progress: bool = True) -> EvalResult:
+    """Mean squared error on the query points after ``steps`` adaptation steps on each task's
+    ``family.shots`` support points, over ``episodes`` tasks of ``family`` (a task family with the
+    sampler interface, e.g. :class:`~metalab.data.sinusoid.SinusoidTasks`)."""
+    values = evaluate_sampler(algorithm, family, episodes, device, regression=True, steps=steps,
+                              description=f"eval {family.shots}-shot {steps} steps", show_progress=show_progress)
+    mean, ci = mean_ci95(values)
+    return EvalResult(1, family.shots, family.queries, int(values.numel()), mean, ci, metric="mse", steps=steps)

@@ -20,13 +20,13 @@ import torch
 from metalab.algorithms import algorithm_norm, build_algorithm
 from metalab.algorithms.base import Algorithm
 from metalab.data.augment import random_affine
-from metalab.data.catalog import load_splits
+from metalab.data.catalog import is_task_family, load_splits, load_task_family
 from metalab.data.episodes import Episodes
 from metalab.data.sampler import EpisodeSampler
 from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from metalab.engine.config import RunConfig
-from metalab.engine.evaluate import evaluate
+from metalab.engine.evaluate import evaluate, evaluate_regression
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
 from metalab.errors import CheckpointError, ConfigError, TrainingDiverged
@@ -69,12 +69,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch.device) -> Algorithm:
-    """The algorithm of ``config`` with freshly initialised (seeded) weights, on ``device``."""
+def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch.device, context: dict | None = None) -> Algorithm:
+    """The algorithm of ``config`` with freshly initialised (seeded) weights, on ``device``.
+    ``context`` is what the data tells the algorithm (task kind, meta-train classes)."""
     t = config.train
     torch.manual_seed(t.seed)
-    backbone = build_backbone(t.backbone, tuple(example_shape), t.hidden, norm=algorithm_norm(t.algo))
-    algorithm = build_algorithm(t.algo, backbone, t.algo_options).to(device)
+    regression = (context or {}).get("task") == "regression"
+    norm = "none" if regression else algorithm_norm(t.algo)  # no normalisation for function regression
+    backbone = build_backbone(t.backbone, tuple(example_shape), t.hidden, norm=norm)
+    algorithm = build_algorithm(t.algo, backbone, t.algo_options, context).to(device)
     if device.type == "cpu" and t.backbone == "conv4":
         algorithm = algorithm.to(memory_format=torch.channels_last)  # measured ~1.3x faster on CPU
     return algorithm
@@ -106,15 +109,23 @@ class MetaTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, splits: Splits | None = None, resume: bool = False,
                  show_progress: bool = True, log: Callable[[str], None] = print) -> None:
         self.config, self.log, self.show_progress = config, log, show_progress
-        d = config.data
-        self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations)
-        self.device = resolve_device(config.train.device)
+        d, t = config.data, config.train
+        self.device = resolve_device(t.device)
+        if is_task_family(d.source):
+            self.splits = None
+            self.sampler = load_task_family(d.source, shots=_max(t.shots), queries=t.queries, tasks=t.meta_batch, seed=t.seed)
+            self.context, example_shape = {"task": "regression", "outputs": 1}, (1,)
+        else:
+            self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations)
+            self.sampler = EpisodeSampler(self.splits.train, _range(t.ways), _range(t.shots), t.queries, t.meta_batch, seed=t.seed)
+            train = self.splits.train
+            self.context = {"task": "classification", "num_classes": train.num_classes,
+                            "class_domains": train.class_domains.tolist()}
+            example_shape = tuple(train.x.shape[1:])
+        self.example_shape = list(example_shape)
+        self.algorithm = build_model(config, example_shape, self.device, self.context)
         self.run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
-        example_shape = tuple(self.splits.train.x.shape[1:])
-        self.algorithm = build_model(config, example_shape, self.device)
-        self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=config.train.lr)
-        t = config.train
-        self.sampler = EpisodeSampler(self.splits.train, _range(t.ways), _range(t.shots), t.queries, t.meta_batch, seed=t.seed)
+        self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=t.lr)
         self.start_step, self.elapsed_before = 0, 0.0
         if resume:
             self._restore()
@@ -138,7 +149,7 @@ class MetaTrainer:
     def save(self, step: int, elapsed: float) -> Path:
         path = self.run.checkpoint_path(step)
         info = {"step": step, "elapsed": elapsed, "algo": self.config.train.algo,
-                "example_shape": list(self.splits.train.x.shape[1:])}
+                "example_shape": self.example_shape, "context": self.context}
         state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()}}
         save_checkpoint(path, state, self.optimizer.state_dict(), info)
         self.run.prune_checkpoints(self.config.train.keep_checkpoints)
@@ -154,7 +165,14 @@ class MetaTrainer:
         return batch.to(self.device)
 
     def validate(self) -> dict:
-        val, e = self.splits.val, self.config.eval
+        e = self.config.eval
+        if self.splits is None:  # a task family: fresh tasks from a held-out seed
+            family = load_task_family(self.config.data.source, shots=_max(self.config.train.shots),
+                                      queries=self.config.train.queries, tasks=e.tasks_per_batch, seed=e.seed + 1)
+            res = evaluate_regression(self.algorithm, family, steps=None, episodes=self.config.train.val_episodes,
+                                      device=self.device, show_progress=False)
+            return {"val_mse": res.mean, "val_ci95": res.ci95}
+        val = self.splits.val
         if val.num_classes < 2:
             return {}
         ways = min(e.settings[0][0], val.num_classes)
@@ -199,7 +217,8 @@ class MetaTrainer:
                     if step % t.val_every == 0 or step == t.steps:
                         last.update(self.validate())
                     self.run.append_metrics(last)
-                    bar.set(status=f"loss {metrics['loss']:.3f} acc {metrics['acc']:.3f} {last['tasks_per_s']:.0f} tasks/s")
+                    shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                    bar.set(status=f"{shown} {last['tasks_per_s']:.0f} tasks/s")
                 if step % t.checkpoint_every == 0:
                     self.save(step, elapsed())
                 bar.advance()
@@ -218,6 +237,10 @@ class MetaTrainer:
 
 def _range(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _max(value) -> int:
+    return max(value) if isinstance(value, (list, tuple)) else value
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | None = None) -> tuple[RunConfig, Algorithm, dict]:
@@ -239,7 +262,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Pat
         _, _, (model_state, _, info) = found
     model_state, _ = split_rng_state(model_state)
     dev = resolve_device(device)
-    algorithm = build_model(config, tuple(info["example_shape"]), dev)
+    algorithm = build_model(config, tuple(info["example_shape"]), dev, info.get("context"))
     try:
         algorithm.load_state_dict(model_state)
     except RuntimeError:

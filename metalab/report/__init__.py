@@ -1,0 +1,1 @@
+"""Figures and reports from run folders (matplotlib, written as PNG)."""
