@@ -132,3 +132,34 @@ def test_regression_only_algorithms_refuse_classification():
         build_algorithm("pretrained", build_backbone("mlp", (8,)))
     with pytest.raises(ConfigError, match="Algorithm 'protonet' does not do regression"):
         build_algorithm("protonet", build_backbone("mlp", (8,)), context={"task": "regression"})
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_per_task_backward_gives_the_meta_loss_gradients(omniglot, first_order):
+    torch.manual_seed(0)
+    maml = MAML(build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch"), inner_lr=0.4, inner_steps=2,
+                first_order=first_order, execution="loop").double()
+    torch.nn.init.normal_(maml.head_weight, std=0.1)
+    batch = _conv_batch(omniglot, tasks=4)
+    batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
+    maml.zero_grad()
+    loss, _ = maml.meta_loss(maml.params(), batch)
+    loss.backward()
+    expected = {k: p.grad.clone() for k, p in maml.named_parameters()}
+    maml.zero_grad()
+    loss2, _ = maml.meta_backward(maml.params(), batch)
+    assert torch.allclose(loss, loss2, atol=1e-12)
+    for k, p in maml.named_parameters():
+        assert torch.allclose(p.grad, expected[k], atol=1e-12), k
+
+
+def test_fused_and_plain_batch_statistics_norm_agree():
+    from metalab.models.backbones import BatchStatNorm, plain_norm_ops
+
+    norm = BatchStatNorm(8).double()
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(6, 8, 5, 5, dtype=torch.double)
+    fused = norm(x)
+    with plain_norm_ops():
+        plain = norm(x)
+    assert torch.allclose(fused, plain, atol=1e-10)

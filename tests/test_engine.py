@@ -108,3 +108,14 @@ def test_config_errors_name_the_field():
         RunConfig.from_dict({"train": {"steps": 0}})
     with pytest.raises(ConfigError, match=r"eval.settings entry"):
         RunConfig.from_dict({"eval": {"settings": [[5]]}})
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_time_budget_stops_with_a_checkpoint(clusters, tmp_path, clock):
+    cfg = cluster_config("protonet", steps=100_000, lr=1e-2, checkpoint_every=100_000, time_budget=1.0, budget_clock=clock)
+    trainer = MetaTrainer(cfg, tmp_path / clock, splits=cluster_splits(clusters), show_progress=False, log=lambda m: None)
+    result = trainer.train()
+    assert result.stopped_by == "time_budget" and 0 < result.steps < 100_000
+    assert [s for s, _ in list_checkpoints(tmp_path / clock)] == [result.steps]
+    with pytest.raises(ConfigError, match="budget_clock='gpu' is unknown"):
+        RunConfig.from_dict({"train": {"budget_clock": "gpu"}})

@@ -68,6 +68,15 @@ class Algorithm(nn.Module):
     def meta_loss(self, params: dict[str, torch.Tensor], batch: Episodes) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def meta_backward(self, params: dict[str, torch.Tensor], batch: Episodes) -> tuple[torch.Tensor, dict[str, float]]:
+        """Back-propagate the meta-loss into ``.grad`` and return it (detached) with its metrics.
+        Algorithms may override this to bound memory (e.g. per-task backward); the gradients must
+        equal those of ``meta_loss(params, batch)[0].backward()``."""
+        loss, metrics = self.meta_loss(params, batch)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach(), metrics
+
     def adapt(self, params: dict[str, torch.Tensor], support_x: torch.Tensor, support_y: torch.Tensor, ways: int) -> Predictor:
         raise NotImplementedError
 

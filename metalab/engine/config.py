@@ -36,6 +36,7 @@ class TrainConfig:
     lr: float = 1e-3
     schedule: str = "cosine"  #: 'cosine' (to 0 over `steps`, after a 5 % warm-up) or 'constant'
     time_budget: float | None = None  #: seconds; stop early (with a checkpoint) once spent
+    budget_clock: str = "wall"  #: 'wall' (elapsed time) or 'cpu' (this process's CPU time: fair budgets on a shared machine)
     val_every: int = 250
     val_episodes: int = 200
     checkpoint_every: int = 250
@@ -108,6 +109,8 @@ class RunConfig:
             raise ConfigError(f"train.lr={t.lr!r} is invalid; it must be a positive number.")
         if t.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule='{t.schedule}' is unknown; use 'cosine' or 'constant'.")
+        if t.budget_clock not in ("wall", "cpu"):
+            raise ConfigError(f"train.budget_clock='{t.budget_clock}' is unknown; use 'wall' or 'cpu'.")
         if t.time_budget is not None and not t.time_budget > 0:
             raise ConfigError(f"train.time_budget={t.time_budget!r} is invalid; give seconds > 0 or leave it empty.")
         for pair in e.settings:

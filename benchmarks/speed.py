@@ -1,0 +1,153 @@
+"""Speed: metalab against the learn2learn-style reference, measured in the same run.
+
+    python -m benchmarks.speed               # all cases, table with ratios
+    python -m benchmarks.speed --case maml   # one case (prints JSON; used internally)
+
+Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
+second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
+5-way 1-shot, 15 queries, meta-batch 32, 1 inner step), each case in its own process so its
+peak resident memory is its own; plus Omniglot episode sampling rate. The reference is
+:mod:`benchmarks.reference_l2l` (learn2learn's clone()/adapt() loop, re-implemented because
+learn2learn cannot be installed beside torch 2.13 / Python 3.11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+TASKS, WAYS, SHOTS, QUERIES = 32, 5, 1, 15
+
+
+def _batch():
+    from metalab.data import EpisodeSampler
+    from metalab.data.omniglot import load_omniglot
+
+    return EpisodeSampler(load_omniglot(28), WAYS, SHOTS, QUERIES, TASKS, seed=0).sample(0)
+
+
+def _time(step, steps: int) -> list[float]:
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_case(case: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    batch = _batch()
+    if case.startswith("ref-"):
+        from benchmarks import reference_l2l as ref
+
+        algo = case[4:]
+        if algo in ("maml", "fomaml"):
+            maml = ref.ReferenceMAML(ref.omniglot_cnn(WAYS), lr=0.4, first_order=algo == "fomaml")
+            opt = torch.optim.Adam(maml.parameters(), 1e-3)
+            step = lambda: ref.meta_step(maml, opt, batch)  # noqa: E731
+        elif algo == "protonet":
+            model = ref.omniglot_cnn(WAYS)[:-1]
+            opt = torch.optim.Adam(model.parameters(), 1e-3)
+            step = lambda: ref.protonet_step(model, opt, batch)  # noqa: E731
+        elif algo == "anil":
+            full = ref.omniglot_cnn(WAYS)
+            features, head = full[:-1], ref.ReferenceMAML(full[-1], lr=0.5)
+            opt = torch.optim.Adam(list(features.parameters()) + list(head.parameters()), 1e-3)
+            step = lambda: ref.anil_step(features, head, opt, batch)  # noqa: E731
+        else:
+            raise SystemExit(f"unknown case {case}")
+    else:
+        from metalab.engine import RunConfig
+        from metalab.engine.trainer import build_model
+
+        options = {"maml": {"inner_lr": 0.4, "inner_steps": 1}, "fomaml": {"inner_lr": 0.4, "inner_steps": 1},
+                   "anil": {"inner_lr": 0.5, "inner_steps": 1}, "protonet": {}}[case]
+        cfg = RunConfig.from_dict({"train": {"algo": case, "algo_options": options, "device": "cpu"}})
+        algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
+        opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
+
+        def step():
+            loss, _ = algorithm.meta_loss(algorithm.params(), batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    times = _time(step, steps)
+    median = statistics.median(times)
+    return {"case": case, "median_s": median, "tasks_per_s": TASKS / median,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def sampling_rate(seconds: float = 3.0) -> dict:
+    """Episodes/s: metalab's tensor sampler vs a per-item Python sampler (the anchors' way)."""
+    from metalab.data import EpisodeSampler
+    from metalab.data.omniglot import load_omniglot
+
+    source = load_omniglot(28)
+    sampler = EpisodeSampler(source, 5, 1, 15, tasks=256, seed=0)
+    n, start, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        sampler.sample(i)
+        n += sampler.tasks
+        i += 1
+    ours = n / (time.perf_counter() - start)
+    by_class: dict[int, list[int]] = {}
+    for idx, y in enumerate(source.y.tolist()):
+        by_class.setdefault(y, []).append(idx)
+    classes = list(by_class)
+    rng = random.Random(0)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:  # per task: pick classes, pick items, stack items
+        chosen = rng.sample(classes, 5)
+        items = [(source.x[j], label) for label, c in enumerate(chosen) for j in rng.sample(by_class[c], 16)]
+        torch.stack([x for x, _ in items]).float().div(255)
+        n += 1
+    ref = n / (time.perf_counter() - start)
+    return {"metalab_eps": ours, "reference_eps": ref}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help="run one case in this process and print JSON")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per arm; the best median counts")
+    parser.add_argument("--algos", nargs="*", default=["maml", "fomaml", "anil", "protonet"])
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args.case, args.steps)))
+        return
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; conv4 28x28, {WAYS}w{SHOTS}s {QUERIES}q, meta-batch {TASKS}, 1 inner step")
+    print(f"{'algorithm':10s} {'metalab s/step':>15s} {'reference s/step':>17s} {'speed-up':>9s} "
+          f"{'metalab tasks/s':>16s} {'metalab MB':>11s} {'reference MB':>13s}")
+    for algo in args.algos:
+        res: dict[str, dict] = {}
+        for _ in range(args.rounds):  # arms alternate, so background load hits both alike
+            for case in (algo, f"ref-{algo}"):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(args.steps)],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if case not in res or r["median_s"] < res[case]["median_s"]:
+                    res[case] = r
+        ours, ref = res[algo], res[f"ref-{algo}"]
+        print(f"{algo:10s} {ours['median_s']:15.3f} {ref['median_s']:17.3f} {ref['median_s'] / ours['median_s']:8.2f}x "
+              f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {ref['peak_rss_mb']:13.0f}", flush=True)
+    s = sampling_rate()
+    print(f"episode sampling (5w1s15q, incl. image gather): metalab {s['metalab_eps']:,.0f} episodes/s, "
+          f"per-item reference {s['reference_eps']:,.0f} episodes/s, {s['metalab_eps'] / s['reference_eps']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
