@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             family = SinusoidTasks(shots=shots, queries=20, tasks=100, seed=2024)
             for steps in (1, 10):
                 r = evaluate_regression(trainer.algorithm, family, steps, args.episodes, show_progress=False)
-                cells.append(f"{r.mean:.3f} ± {r.ci95:.3f}")
+                cells.append(f"{r.mean:.3f} ± {r.ci95:.3f}" if r.mean == r.mean else "diverges (NaN)")
         rows.append((algo, cells, time.perf_counter() - start))
         print(f"{algo:10s} " + " | ".join(cells), flush=True)
         plot = args.out.parent / f"sinusoid_{algo}.png"
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         f"Evaluation: {args.episodes} fresh tasks (seed 2024, never used in training), 20 query points each; adaptation by "
         "SGD with step 0.01 (Meta-SGD: its learned steps). Query MSE, mean ± 95 % CI. Predicting 0 everywhere: "
         f"{zero.mean():.3f} ± {1.96 * zero.std() / len(zero) ** 0.5:.3f}.",
+        "",
+        "Meta-SGD learns its step sizes for the 1-step adaptation it is trained with; applied for 10 steps they "
+        "overshoot and the error diverges. `seconds` is wall time including evaluation on a shared machine, "
+        "not a speed comparison (see `benchmarks.speed`).",
         "",
         "| method | K=5, 1 step | K=5, 10 steps | K=10, 1 step | K=10, 10 steps | seconds |",
         "|---|---|---|---|---|---|",
