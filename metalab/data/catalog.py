@@ -51,9 +51,12 @@ def load_source(spec: str, image_size: int = 28) -> LabelledSource:
 
 
 def load_splits(spec: str, image_size: int = 28, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                split_seed: int = 0, rotations: bool = False) -> Splits:
+                split_seed: int = 0, rotations: bool | None = False) -> Splits:
     """Class-disjoint splits of ``spec``: Omniglot's canonical alphabet split, else a seeded random
-    class split. ``rotations`` adds rotated copies of meta-train classes only."""
+    class split. ``rotations`` adds rotated copies of meta-train classes only (``None``: for
+    Omniglot, the standard protocol, and not for other sources)."""
+    if rotations is None:
+        rotations = spec == "omniglot"
     source = load_source(spec, image_size)
     if spec == "omniglot":
         splits = omniglot_canonical_split(source, val_fraction, split_seed)

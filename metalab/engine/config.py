@@ -18,7 +18,7 @@ class DataConfig:
     val_fraction: float = 0.1  #: share of meta-train classes carved out for validation
     test_fraction: float = 0.2  #: share of classes held out for meta-test (sources without a canonical split)
     split_seed: int = 0
-    rotations: bool = True  #: add 90/180/270° rotations of meta-train classes as new classes (images only)
+    rotations: bool | None = None  #: add 90/180/270° rotations of meta-train classes as new classes; None: on for Omniglot only
     augment: bool = False  #: small random affine jitter of meta-train images
 
 

@@ -1,0 +1,55 @@
+"""Every algorithm through `metalab train` and `metalab eval` (in-process, small data)."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from metalab.algorithms import ALGORITHMS
+from metalab.cli import app
+
+from conftest import make_clusters
+
+runner = CliRunner()
+CLASSIFIERS = sorted(n for n, s in ALGORITHMS.items() if "classification" in s.tasks)
+
+
+@pytest.fixture(scope="module")
+def clusters_npz(tmp_path_factory):
+    src = make_clusters(classes=30, per_class=12)
+    path = tmp_path_factory.mktemp("data") / "clusters.npz"
+    np.savez(path, x=src.x.numpy(), y=src.y.numpy(), class_names=np.array(src.class_names))
+    return path
+
+
+@pytest.mark.parametrize("algo", CLASSIFIERS)
+def test_every_classifier_trains_and_evaluates_from_the_cli(algo, clusters_npz, tmp_path):
+    run = tmp_path / algo
+    result = runner.invoke(app, ["train", "--algo", algo, "--data", str(clusters_npz), "--steps", "5", "--queries", "5",
+                                 "--set", "train.backbone=mlp", "--set", "train.hidden=8", "--set", "eval.episodes=20",
+                                 "--set", "eval.settings=[[3, 1]]", "--set", "eval.queries=5", "--out", str(run),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "eval.json").read_text())["results"][0]["episodes"] == 20
+    result = runner.invoke(app, ["eval", str(run), "--setting", "2w1s", "--episodes", "10", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "2-way 1-shot" in result.output
+
+
+def test_sinusoid_regression_from_the_cli(tmp_path):
+    run = tmp_path / "sin"
+    result = runner.invoke(app, ["train", "--algo", "maml", "--data", "sinusoid", "--shots", "5", "--steps", "5",
+                                 "--set", "train.backbone=mlp", "--set", "eval.episodes=20",
+                                 "--set", "eval.settings=[[1, 5]]", "--set", "eval.adapt_steps=[1, 3]",
+                                 "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "MSE" in result.output and "5-shot, 3 steps" in result.output
+    assert (run / "adaptation.png").exists()
+
+
+def test_algorithms_command_lists_every_algorithm():
+    result = runner.invoke(app, ["algorithms"])
+    assert result.exit_code == 0
+    for name in ALGORITHMS:
+        assert name in result.output
