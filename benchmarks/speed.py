@@ -118,12 +118,35 @@ def sampling_rate(seconds: float = 3.0) -> dict:
     return {"metalab_eps": ours, "reference_eps": ref}
 
 
+def adaptation_latency(repeats: int = 20) -> dict:
+    """Milliseconds to adapt to a new 20-way 5-shot image task and predict 20×15 queries
+    (median of ``repeats``): ProtoNet (prototypes) and MAML (10 SGD steps on all weights)."""
+    from metalab.data import EpisodeSampler
+    from metalab.data.omniglot import load_omniglot
+    from metalab.engine import RunConfig
+    from metalab.engine.trainer import build_model
+
+    batch = EpisodeSampler(load_omniglot(28), 20, 5, 15, tasks=1, seed=0).sample(0)
+    out = {}
+    for algo, options in (("protonet", {}), ("maml", {"test_inner_steps": 10})):
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu"}})
+        algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"}).eval()
+        params = algorithm.params()
+
+        def once():
+            algorithm.adapt(params, batch.support_x[0], batch.support_y[0], 20).predict(batch.query_x[0])
+
+        out[algo] = 1000 * statistics.median(_time(once, repeats))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help="run one case in this process and print JSON")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per arm; the best median counts")
     parser.add_argument("--algos", nargs="*", default=["maml", "fomaml", "anil", "protonet"])
+    parser.add_argument("--only-extras", action="store_true", help="skip the training-step cases")
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.steps)))
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}; conv4 28x28, {WAYS}w{SHOTS}s {QUERIES}q, meta-batch {TASKS}, 1 inner step")
     print(f"{'algorithm':10s} {'metalab s/step':>15s} {'reference s/step':>17s} {'speed-up':>9s} "
           f"{'metalab tasks/s':>16s} {'metalab MB':>11s} {'reference MB':>13s}")
-    for algo in args.algos:
+    for algo in [] if args.only_extras else args.algos:
         res: dict[str, dict] = {}
         for _ in range(args.rounds):  # arms alternate, so background load hits both alike
             for case in (algo, f"ref-{algo}"):
@@ -144,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         ours, ref = res[algo], res[f"ref-{algo}"]
         print(f"{algo:10s} {ours['median_s']:15.3f} {ref['median_s']:17.3f} {ref['median_s'] / ours['median_s']:8.2f}x "
               f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {ref['peak_rss_mb']:13.0f}", flush=True)
+    lat = adaptation_latency()
+    print(f"adapt + predict, new 20-way 5-shot image task (300 queries): protonet {lat['protonet']:.1f} ms, "
+          f"maml (10 steps) {lat['maml']:.1f} ms")
     s = sampling_rate()
     print(f"episode sampling (5w1s15q, incl. image gather): metalab {s['metalab_eps']:,.0f} episodes/s, "
           f"per-item reference {s['reference_eps']:,.0f} episodes/s, {s['metalab_eps'] / s['reference_eps']:.1f}x")

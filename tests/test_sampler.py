@@ -77,3 +77,12 @@ def test_too_many_ways_and_bad_arguments():
         EpisodeSampler(indexed_source(), ways=0)
     with pytest.raises(ConfigError, match="queries"):
         EpisodeSampler(indexed_source(), queries=0)
+
+
+def test_uint8_images_arrive_as_floats_in_unit_range(omniglot):
+    sampler = EpisodeSampler(omniglot, ways=5, shots=1, queries=2, tasks=3, seed=0)
+    b = sampler.sample(0)
+    assert b.support_x.dtype == torch.float32 and 0 <= b.support_x.min() and b.support_x.max() <= 1
+    raw = EpisodeSampler(omniglot, ways=5, shots=1, queries=2, tasks=3, seed=0, to_float=False).sample(0)
+    assert raw.support_x.dtype == torch.uint8
+    assert torch.equal(b.support_x, raw.support_x.float() / 255)

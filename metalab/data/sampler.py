@@ -15,6 +15,7 @@ from metalab.data.source import LabelledSource
 from metalab.errors import ConfigError, DataError
 
 IntOrRange = int | tuple[int, int]
+FLOAT_COPY_LIMIT_BYTES = 512 * 2**20
 
 
 def _as_range(value: IntOrRange, name: str) -> tuple[int, int]:
@@ -83,6 +84,10 @@ class EpisodeSampler:
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(len(order)) - starts[source.y[order]]
         self.class_table[source.y[order], pos] = order
+        # images as float once, when that copy is small; otherwise converted per meta-batch
+        x = source.x
+        small = x.dtype == torch.uint8 and x.numel() * 4 <= FLOAT_COPY_LIMIT_BYTES
+        self._x = x.float().div_(255.0) if (to_float and small) else x
         self._dom_onehot = torch.nn.functional.one_hot(source.class_domains, source.num_domains).bool()
         doms_ok = self._dom_onehot.sum(0) >= self.ways_range[1]
         self._eligible_domains = doms_ok.nonzero().flatten()
@@ -126,7 +131,7 @@ class EpisodeSampler:
         tasks = idx.shape[0]
         support_idx = idx[..., :shots].reshape(tasks, ways * shots)
         query_idx = idx[..., shots:].reshape(tasks, ways * self.queries)
-        x = self.source.x
+        x = self._x
         sx, qx = x[support_idx], x[query_idx]
         if self.to_float and x.dtype == torch.uint8:
             sx, qx = sx.float().div_(255.0), qx.float().div_(255.0)
