@@ -81,10 +81,7 @@ def train(
         cfg = RunFolder.open(resume).config()
         run_dir = resume
     else:
-        raw = yaml.safe_load(config.read_text()) if config else {}
-        if config and not config.exists():
-            raise ConfigError(f"Config file '{config}' does not exist.")
-        raw = raw or {}
+        raw = RunConfig.load(config).to_dict() if config else {}  # validates the file, with clear errors
         flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
                  "train.queries": queries, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
                  "train.time_budget": time_budget, "train.device": device, "train.seed": seed}

@@ -41,6 +41,7 @@ def test_train_eval_resume_on_omniglot(tmp_path):
     (["train", "--data", "/no/such/folder", "--steps", "1"], "'/no/such/folder' is neither a bundled dataset"),
     (["eval", "/no/such/run"], "Run folder '/no/such/run' does not exist"),
     (["eval", ".", "--setting", "5way"], "--setting '5way' is not of the form"),
+    (["train", "--config", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     out = metalab(*args, "--no-progress" if args[0] == "train" else "--no-progress", cwd=tmp_path)
