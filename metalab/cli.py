@@ -102,7 +102,7 @@ def train(
     result = trainer.train()
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if evaluate_after:
-        record = evaluate_run(result.run_dir, device=cfg.train.device if cfg.train.device != "auto" else "cpu", show_progress=progress)
+        record = evaluate_run(result.run_dir, device=str(trainer.device), show_progress=progress)
         console.print(_results_table(record, f"{cfg.train.algo} on meta-test ({record['split']})"))
 
 

@@ -17,14 +17,12 @@ class MetaSGD(MAML):
         super().__init__(backbone, **kwargs)
         self.name = "metasgd"
         params = dict(self.named_parameters())
-        self._lr_of = {}
-        lrs = []
-        for i, key in enumerate(self.task_init(params, 1)):
+        lrs, self._lr_of = [], {}
+        for i, key in enumerate(self.task_init(params, 1)):  # one learned rate tensor per fast weight
             base = params["head_weight" if key == "head.weight" else "head_bias" if key == "head.bias" else key]
             lrs.append(nn.Parameter(torch.full_like(base, self.inner_lr)))
-            self._lr_of[key] = f"inner_lrs.{i}"
+            self._lr_of[key] = f"inner_lrs_.{i}"
         self.inner_lrs_ = nn.ParameterList(lrs)
-        self._lr_of = {k: v.replace("inner_lrs.", "inner_lrs_.") for k, v in self._lr_of.items()}
 
     def inner_lrs(self, params):
         return {key: params[name] for key, name in self._lr_of.items()}
