@@ -54,7 +54,8 @@ def _parse_value(text: str):
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections data/train/eval)."),
     algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
-    data: Optional[str] = typer.Option(None, help="'omniglot', 'sinusoid', an image folder root/<class>/*.png, or an .npz file."),
+    data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
+    backbone: Optional[str] = typer.Option(None, help="conv4, mlp, linear (text: a projection of the frozen embeddings), identity."),
     ways: Optional[int] = typer.Option(None, help="Classes per training task."),
     shots: Optional[int] = typer.Option(None, help="Support examples per class."),
     queries: Optional[int] = typer.Option(None, help="Query examples per class."),
@@ -83,7 +84,7 @@ def train(
     else:
         raw = RunConfig.load(config).to_dict() if config else {}  # validates the file, with clear errors
         flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
-                 "train.queries": queries, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
+                 "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
                  "train.time_budget": time_budget, "train.device": device, "train.seed": seed}
         overrides = {k: v for k, v in flags.items() if v is not None}
         for item in set_:
@@ -104,6 +105,8 @@ def train(
     if evaluate_after:
         record = evaluate_run(result.run_dir, device=str(trainer.device), show_progress=progress)
         console.print(_results_table(record, f"{cfg.train.algo} on meta-test ({record['split']})"))
+        if record.get("full_task"):
+            console.print(_full_task_table(record["full_task"]))
 
 
 def _assign(raw: dict, dotted: str, value) -> None:
@@ -133,6 +136,8 @@ def eval_(
     record = evaluate_run(run, _parse_settings(setting), episodes, device, show_progress=progress, split=split)
     console.print(f"split: {record['split_description']}")
     console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
+    if record.get("full_task"):
+        console.print(_full_task_table(record["full_task"]))
 
 
 @app.command()
@@ -152,14 +157,93 @@ def algorithms() -> None:
 def datasets() -> None:
     """List the bundled data sources with class and domain counts."""
     from metalab.data.catalog import BUNDLED, load_source
+    from metalab.data.text import is_text_spec
 
     table = Table(title="bundled data")
     for col in ("name", "examples", "classes", "domains", "per class", "example shape", "about"):
         table.add_column(col)
     for name, about in BUNDLED.items():
-        d = load_source(name).describe()
+        d = _describe_text(name) if is_text_spec(name) else load_source(name).describe()
         table.add_row(name, str(d["examples"]), str(d["classes"]), str(d["domains"]),
                       f"{d['min_per_class']}-{d['max_per_class']}", "×".join(map(str, d["example_shape"])), about)
+    console.print(table)
+
+
+def _describe_text(name: str) -> dict:
+    from metalab.data.text import load_text
+
+    corpus = load_text(name)
+    counts = corpus.y.bincount(minlength=corpus.num_classes)
+    oos = sum(len(v) for v in corpus.out_of_scope.values())
+    return {"examples": len(corpus.texts), "classes": corpus.num_classes, "domains": len(corpus.domain_names),
+            "min_per_class": int(counts.min()), "max_per_class": int(counts.max()),
+            "example_shape": [f"text (+{oos} out-of-scope)"]}
+
+
+def _full_task_table(tasks: list[dict]) -> Table:
+    table = Table(title="all meta-test classes at once (support: train part; queries: test part)")
+    for col in ("task", "acc (%)", "± CI", "macro P", "macro R", "macro F1", "in-scope acc", "OOS recall"):
+        table.add_column(col, justify="right")
+    for t in tasks:
+        oos = t.get("out_of_scope")
+        table.add_row(f"{t['ways']}w{t['shots']}s ×{t['draws']}", f"{100 * t['accuracy']:.2f}",
+                      f"{100 * t['accuracy_ci95']:.2f}", f"{t['macro_precision']:.3f}", f"{t['macro_recall']:.3f}",
+                      f"{t['macro_f1']:.3f}", f"{100 * oos['in_scope_accuracy']:.2f}" if oos else "-",
+                      f"{100 * oos['oos_recall']:.2f}" if oos else "-")
+    weakest = tasks[-1]["per_class"][:5]
+    table.caption = (f"weakest classes at {tasks[-1]['shots']} shots (F1): "
+                     + ", ".join(f"{r['class']} {r['f1']:.2f}" for r in weakest) + "; per-class report in eval.json")
+    return table
+
+
+@app.command()
+def adapt(
+    run: Path = typer.Option(..., "--run", help="Trained run folder."),
+    support: Path = typer.Option(..., "--support", help="Labelled examples: text .csv/.jsonl (text,label) or an image folder root/<label>/*.png."),
+    out: Path = typer.Option(Path("adapter.safetensors"), "--out", help="Adapter file to write."),
+    head: str = typer.Option("algorithm", help="'algorithm' (the run's own adapt) or a head on its features: prototypes, logistic, ridge."),
+    oos_threshold: Optional[float] = typer.Option(None, help="Reject as out-of-scope below this top probability (default: the run's fitted threshold, if any)."),
+    text_column: str = typer.Option("text"),
+    label_column: str = typer.Option("label"),
+) -> None:
+    """Adapt a trained run to a few labelled examples; writes an adapter file for `metalab predict`."""
+    import time as _time
+
+    from metalab.engine.adapter import adapt_from_file, default_threshold
+
+    threshold = oos_threshold if oos_threshold is not None else default_threshold(run)
+    start = _time.perf_counter()
+    adapter = adapt_from_file(run, support, head, threshold, text_column=text_column, label_column=label_column)
+    path = adapter.save(out)
+    console.print(f"adapted to {len(adapter.labels)} labels from {len(adapter.support_y)} examples in "
+                  f"{_time.perf_counter() - start:.2f} s (head: {head}; out-of-scope threshold: "
+                  f"{'none' if threshold is None else f'{threshold:.3f}'}); adapter: {path}")
+
+
+@app.command()
+def predict(
+    texts: list[str] = typer.Argument(..., help="Texts to classify."),
+    adapter: Path = typer.Option(..., "--adapter", help="Adapter file from `metalab adapt`."),
+    top: int = typer.Option(3, help="Scores shown per text."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+) -> None:
+    """Label texts with an adapter: best label, top scores and the out-of-scope flag."""
+    import json
+
+    from metalab.engine.adapter import Adapter
+
+    predictions = Adapter.load(adapter).predict(texts)
+    if as_json:
+        for text, p in zip(texts, predictions):
+            print(json.dumps({"text": text, "label": p.label, "scores": p.scores, "out_of_scope": p.out_of_scope}))
+        return
+    table = Table(title=f"predictions ({adapter})")
+    for col in ("text", "label", "top scores", "out of scope"):
+        table.add_column(col)
+    for text, p in zip(texts, predictions):
+        best = sorted(p.scores.items(), key=lambda kv: -kv[1])[:top]
+        table.add_row(text, p.label, ", ".join(f"{k} {v:.3f}" for k, v in best),
+                      "-" if p.out_of_scope is None else ("yes" if p.out_of_scope else "no"))
     console.print(table)
 
 

@@ -8,12 +8,16 @@ from metalab.data.augment import with_rotations
 from metalab.data.folders import load_image_folder, load_npz
 from metalab.data.omniglot import load_omniglot
 from metalab.data.source import LabelledSource
-from metalab.data.splits import Splits, omniglot_canonical_split, split_by_class
+from metalab.data.splits import Splits, omniglot_canonical_split, split_by_class, split_by_domain
+from metalab.data.text import is_text_spec, load_text
 from metalab.errors import DataError
 
 BUNDLED = {
     "omniglot": "Omniglot minimal background sets (Lake et al. 2015, MIT): characters as classes, alphabets as domains",
+    "clinc150": "CLINC150 (Larson et al. 2019, CC BY 3.0): 150 intents in 10 domains + out-of-scope, as sentence embeddings",
 }
+#: CLINC150's meta-test domains (fixed; meta-train and validation come from the other seven).
+CLINC150_TEST_DOMAINS = ("auto_and_commute", "kitchen_and_dining", "travel")
 TASK_FAMILIES = {
     "sinusoid": "sinusoid regression y = A sin(x - phase), A in [0.1, 5], phase in [0, pi], x in [-5, 5] (Finn et al. 2017)",
 }
@@ -33,10 +37,30 @@ def load_task_family(spec: str, shots: int, queries: int, tasks: int, seed: int)
     raise DataError(f"'{spec}' is not a task family; known: {', '.join(TASK_FAMILIES)}.")
 
 
-def load_source(spec: str, image_size: int = 28) -> LabelledSource:
-    """The whole labelled source named by ``spec``."""
+def text_options(data_config) -> dict:
+    """The text-related fields of a :class:`~metalab.engine.config.DataConfig`."""
+    d = data_config
+    return {"encoder": d.encoder, "layers": d.encoder_layers, "text_column": d.text_column,
+            "label_column": d.label_column, "domain_column": d.domain_column}
+
+
+def load_text_source(spec: str, encoder: str = "minilm", layers=None, text_column: str = "text",
+                     label_column: str = "label", domain_column: str | None = "domain",
+                     progress: bool = True) -> LabelledSource:
+    """A text spec (``clinc150`` or a .csv/.jsonl file) as cached sentence embeddings ``[M, D]``."""
+    from metalab.models.text_encoder import embed_corpus, load_encoder
+
+    corpus = load_text(spec, text_column=text_column, label_column=label_column, domain_column=domain_column) \
+        if spec != "clinc150" else load_text(spec)
+    return embed_corpus(corpus, load_encoder(encoder, layers=layers), progress=progress)
+
+
+def load_source(spec: str, image_size: int = 28, text: dict | None = None) -> LabelledSource:
+    """The whole labelled source named by ``spec`` (``text``: options of text sources)."""
     if spec == "omniglot":
         return load_omniglot(image_size)
+    if is_text_spec(spec):
+        return load_text_source(spec, **(text or {}))
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.exists():
@@ -51,15 +75,22 @@ def load_source(spec: str, image_size: int = 28) -> LabelledSource:
 
 
 def load_splits(spec: str, image_size: int = 28, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                split_seed: int = 0, rotations: bool | None = False) -> Splits:
-    """Class-disjoint splits of ``spec``: Omniglot's canonical alphabet split, else a seeded random
-    class split. ``rotations`` adds rotated copies of meta-train classes only (``None``: for
-    Omniglot, the standard protocol, and not for other sources)."""
+                split_seed: int = 0, rotations: bool | None = False, text: dict | None = None,
+                test_domains: list | None = None) -> Splits:
+    """Class-disjoint splits of ``spec``: Omniglot's canonical alphabet split; for text, held-out
+    domains (``test_domains``; CLINC150 defaults to :data:`CLINC150_TEST_DOMAINS`); else a seeded
+    random class split. ``rotations`` adds rotated copies of meta-train classes only (``None``:
+    for Omniglot, the standard protocol, and not for other sources)."""
     if rotations is None:
         rotations = spec == "omniglot"
-    source = load_source(spec, image_size)
+    source = load_source(spec, image_size, text)
+    if spec == "clinc150" and test_domains is None:
+        test_domains = list(CLINC150_TEST_DOMAINS)
     if spec == "omniglot":
         splits = omniglot_canonical_split(source, val_fraction, split_seed)
+    elif test_domains:
+        train_domains = [d for d in source.domain_names if d not in test_domains]
+        splits = split_by_domain(source, train_domains, list(test_domains), val_fraction, split_seed)
     else:
         splits = split_by_class(source, val_fraction, test_fraction, split_seed)
     if rotations:

@@ -25,6 +25,8 @@ class LabelledSource:
         class_domains: domain index of each class ``int64 [num_classes]``.
         domain_names: one name per domain.
         name: a short human name for the source (used in messages and reports).
+        meta: anything else; ``meta["per_example"]`` maps names to per-example lists or tensors
+            (``[M]``) that :meth:`subset` keeps aligned with ``x`` (e.g. the texts behind embeddings).
     """
 
     x: torch.Tensor
@@ -78,7 +80,7 @@ class LabelledSource:
             class_domains=new_domains,
             domain_names=[self.domain_names[int(d)] for d in used_domains],
             name=name or self.name,
-            meta=dict(self.meta),
+            meta=_subset_meta(self.meta, keep),
         )
 
     def describe(self) -> dict:
@@ -92,6 +94,16 @@ class LabelledSource:
             "max_per_class": int(counts.max()),
             "example_shape": list(self.x.shape[1:]),
         }
+
+
+def _subset_meta(meta: dict, keep: torch.Tensor) -> dict:
+    """Copy ``meta``; its ``per_example`` entries (lists or tensors of length M) follow ``keep``."""
+    out = dict(meta)
+    if "per_example" in meta:
+        idx = keep.nonzero().flatten().tolist()
+        out["per_example"] = {k: (v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in idx])
+                              for k, v in meta["per_example"].items()}
+    return out
 
 
 def concat_sources(sources: list[LabelledSource], name: str) -> LabelledSource:

@@ -13,20 +13,27 @@ from metalab.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    source: str = "omniglot"  #: 'omniglot', 'sinusoid', an image folder 'root/<class>/*.png', or an '.npz' with x, y
+    source: str = "omniglot"  #: 'omniglot', 'clinc150', 'sinusoid', an image folder 'root/<class>/*.png', an '.npz' with x, y, or a text .csv/.jsonl
     image_size: int = 28
     val_fraction: float = 0.1  #: share of meta-train classes carved out for validation
     test_fraction: float = 0.2  #: share of classes held out for meta-test (sources without a canonical split)
     split_seed: int = 0
     rotations: bool | None = None  #: add 90/180/270° rotations of meta-train classes as new classes; None: on for Omniglot only
     augment: bool = False  #: small random affine jitter of meta-train images
+    # text sources ('clinc150', a .csv / .tsv / .jsonl file of text,label[,domain])
+    encoder: str = "minilm"  #: 'minilm' (bundled all-MiniLM-L6-v2, offline) or a sentence-transformers folder
+    encoder_layers: list | None = field(default_factory=lambda: [4, 5, 6])  #: mean-pooled layers, concatenated; None: the model's own pooling
+    text_column: str = "text"
+    label_column: str = "label"
+    domain_column: str = "domain"
+    test_domains: list | None = None  #: text: hold out these domains for meta-test (None: clinc150's default, else a class split)
 
 
 @dataclass
 class TrainConfig:
     algo: str = "protonet"
     algo_options: dict = field(default_factory=dict)
-    backbone: str = "conv4"
+    backbone: str = "auto"  #: conv4, mlp, linear, identity; auto: conv4 for images, linear for embeddings (text), mlp otherwise
     hidden: int = 64
     ways: int | list = 5  #: an int, or [min, max] drawn per meta-batch
     shots: int | list = 1
@@ -54,6 +61,8 @@ class EvalConfig:
     seed: int = 2024
     tasks_per_batch: int = 50
     adapt_steps: list | None = None  #: regression: evaluate after each of these numbers of adaptation steps
+    full_task_shots: list = field(default_factory=lambda: [1, 5])  #: text: all meta-test classes at once, at these shots
+    full_task_draws: int = 10  #: text: random support draws per full task
 
 
 @dataclass

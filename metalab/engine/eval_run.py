@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from metalab.data.catalog import is_task_family, load_splits, load_task_family
+from metalab.data.catalog import is_task_family, load_splits, load_task_family, text_options
 from metalab.engine.evaluate import EvalResult, evaluate, evaluate_regression
 from metalab.engine.run import RunFolder
 from metalab.engine.trainer import load_trained
@@ -37,7 +37,8 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
                                             steps=tuple(e.adapt_steps or [algorithm.test_inner_steps]))
             record["figures"] = [plot.name]
     else:
-        splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False)
+        splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
+                             text=text_options(d), test_domains=d.test_domains)
         source = {"test": splits.test, "val": splits.val}.get(split)
         if source is None:
             raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")
@@ -47,8 +48,32 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
                 raise DataError(f"{ways}-way evaluation needs {ways} classes but the {split} split has {source.num_classes}; lower ways.")
             results.append(evaluate(algorithm, source, ways, shots, e.queries, episodes, seed=e.seed,
                                     tasks_per_batch=e.tasks_per_batch, device=device, show_progress=show_progress))
+        if source.meta.get("modality") == "text":
+            record["full_task"] = _text_full_tasks(algorithm, splits, source, e, device, show_progress)
     record["evaluated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     record["results"] = [r.as_dict() for r in results]
     if split == "test":
         RunFolder.open(run_dir).write_eval(record)
     return record
+
+
+def _text_full_tasks(algorithm, splits, source, e, device, show_progress: bool) -> list[dict]:
+    """Every class of the evaluated split at once, at each of ``eval.full_task_shots``, with macro
+    P/R/F1 and (CLINC150) out-of-scope rejection fitted on the validation split and ``oos_val``."""
+    from metalab.engine.text_eval import evaluate_full_task
+
+    params = algorithm.params()
+    algorithm.eval()
+
+    def head(support_x, support_y, ways):
+        return algorithm.adapt(params, support_x.to(device), support_y.to(device), ways).logits
+
+    oos = source.meta.get("out_of_scope", {})
+    oos_test, oos_val = oos.get("test"), oos.get("val")
+    threshold_task = (splits.val, oos_val) if oos_val is not None and splits.val.num_classes >= 2 else None
+    out = []
+    for shots in e.full_task_shots:
+        rec = evaluate_full_task(head, source, shots, e.full_task_draws, seed=e.seed, oos_queries=oos_test,
+                                 threshold_task=threshold_task, show_progress=show_progress)
+        out.append(rec)
+    return out

@@ -20,7 +20,8 @@ import torch
 from metalab.algorithms import algorithm_norm, build_algorithm
 from metalab.algorithms.base import Algorithm
 from metalab.data.augment import random_affine
-from metalab.data.catalog import is_task_family, load_splits, load_task_family
+from metalab.data.text import is_text_spec
+from metalab.data.catalog import is_task_family, load_splits, load_task_family, text_options
 from metalab.data.episodes import Episodes
 from metalab.data.sampler import EpisodeSampler
 from metalab.data.splits import Splits
@@ -69,6 +70,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_backbone(name: str, example_shape: tuple[int, ...], source: str) -> str:
+    """``auto`` → ``conv4`` for images ``[C, H, W]``, ``linear`` for text embeddings, else ``mlp``."""
+    if name != "auto":
+        return name
+    if len(example_shape) == 3:
+        return "conv4"
+    return "linear" if is_text_spec(source) else "mlp"
+
+
 def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch.device, context: dict | None = None) -> Algorithm:
     """The algorithm of ``config`` with freshly initialised (seeded) weights, on ``device``.
     ``context`` is what the data tells the algorithm (task kind, meta-train classes)."""
@@ -76,9 +86,10 @@ def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch
     torch.manual_seed(t.seed)
     regression = (context or {}).get("task") == "regression"
     norm = "none" if regression else algorithm_norm(t.algo)  # no normalisation for function regression
-    backbone = build_backbone(t.backbone, tuple(example_shape), t.hidden, norm=norm)
+    name = resolve_backbone(t.backbone, tuple(example_shape), config.data.source)
+    backbone = build_backbone(name, tuple(example_shape), t.hidden, norm=norm)
     algorithm = build_algorithm(t.algo, backbone, t.algo_options, context).to(device)
-    if device.type == "cpu" and t.backbone == "conv4" and algorithm.frozen_features:
+    if device.type == "cpu" and name == "conv4" and algorithm.frozen_features:
         # one backbone pass over the whole meta-batch: channels-last measured ~1.3x faster on CPU;
         # per-task weights (MAML family) run small batches, where it measured slower
         algorithm = algorithm.to(memory_format=torch.channels_last)
@@ -118,7 +129,8 @@ class MetaTrainer:
             self.sampler = load_task_family(d.source, shots=_max(t.shots), queries=t.queries, tasks=t.meta_batch, seed=t.seed)
             self.context, example_shape = {"task": "regression", "outputs": 1}, (1,)
         else:
-            self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations)
+            self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
+                                                     text_options(d), d.test_domains)
             self.sampler = EpisodeSampler(self.splits.train, _range(t.ways), _range(t.shots), t.queries, t.meta_batch, seed=t.seed)
             train = self.splits.train
             self.context = {"task": "classification", "num_classes": train.num_classes,

@@ -116,4 +116,27 @@ def build_backbone(name: str, example_shape: tuple[int, ...], hidden: int = 64, 
         for d in example_shape:
             in_dim *= d
         return MLP(in_dim, (hidden * 4, hidden * 2), norm)
-    raise ConfigError(f"backbone '{name}' is unknown; choose one of: conv4, mlp.")
+    if name in ("linear", "identity"):
+        if len(example_shape) != 1:
+            raise ConfigError(f"backbone '{name}' needs feature vectors [D]; this data has shape {list(example_shape)}; use 'conv4' or 'mlp'.")
+        return LinearProjection(example_shape[0], trainable=name == "linear")
+    raise ConfigError(f"backbone '{name}' is unknown; choose one of: conv4, mlp, linear, identity.")
+
+
+class LinearProjection(nn.Module):
+    """``z + W z`` on fixed features ``[B, D] → [B, D]``, with ``W`` starting at zero: a
+    meta-learned projection of frozen embeddings that starts as the identity (so meta-training
+    starts from plain prototypes). ``trainable=False`` keeps it the identity."""
+
+    def __init__(self, dim: int, trainable: bool = True) -> None:
+        super().__init__()
+        self.out_dim = dim
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.proj.requires_grad_(trainable)
+        self.trainable = trainable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x + self.proj(x) if self.trainable else x

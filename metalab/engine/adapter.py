@@ -1,0 +1,163 @@
+"""Adapters: a trained run adapted to a user's few labelled examples, saved, and used to predict.
+
+An adapter file (safetensors) stores the support examples as the run sees them (sentence
+embeddings for text, images for image runs), their labels and names, which head to fit and the
+out-of-scope threshold. Loading it re-runs ``adapt`` on the stored support (milliseconds), so an
+adapter works for every algorithm — prototypes, fitted heads, MAML's adapted weights — and two
+loads give identical predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from metalab.algorithms.frozen_heads import HEADS, fit_head
+from metalab.data.cache import load_tensors, save_tensors_atomic
+from metalab.data.catalog import text_options
+from metalab.data.text import is_text_spec, load_text_table
+from metalab.engine.text_eval import confidence
+from metalab.engine.trainer import load_trained
+from metalab.errors import CheckpointError, ConfigError, DataError
+
+HEAD_CHOICES = ("algorithm", *HEADS)
+
+
+@dataclass
+class Prediction:
+    label: str
+    scores: dict[str, float]  #: softmax probability per label
+    out_of_scope: bool | None  #: top logit under the threshold; None when the adapter has no threshold
+
+
+class Adapter:
+    """A run + support set → predictions for new inputs (texts or image tensors)."""
+
+    def __init__(self, run_dir: str | Path, support_x: torch.Tensor, support_y: torch.Tensor, labels: list[str],
+                 head: str = "algorithm", threshold: float | None = None, device: str = "cpu") -> None:
+        if head not in HEAD_CHOICES:
+            raise ConfigError(f"Unknown head '{head}'; choose one of: {', '.join(HEAD_CHOICES)}.")
+        self.run_dir, self.head, self.threshold, self.labels = Path(run_dir), head, threshold, list(labels)
+        self.support_x, self.support_y = support_x, support_y
+        self.config, self.algorithm, _ = load_trained(run_dir, device)
+        self.algorithm.eval()
+        self.device = torch.device(device)
+        self.text = is_text_spec(self.config.data.source)
+        self._encoder = None
+        self._scorer = self._fit()
+
+    def _fit(self):
+        params = self.algorithm.params()
+        sx, sy = self.support_x.to(self.device), self.support_y.to(self.device)
+        if self.head == "algorithm":
+            return self.algorithm.adapt(params, self._prepare(sx), sy, len(self.labels)).logits
+        with torch.no_grad():
+            fitted = fit_head(self.head, self.algorithm.encode(params, self._prepare(sx)).cpu(), sy.cpu(), len(self.labels))
+        return lambda x: fitted.scores(self.algorithm.encode(params, x).cpu())
+
+    @staticmethod
+    def _prepare(x: torch.Tensor) -> torch.Tensor:
+        return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = run_encoder(self.config)
+        return self._encoder
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts → the run's input features (cached sentence embeddings)."""
+        from metalab.models.text_encoder import encode_texts
+
+        return encode_texts(self.encoder(), list(texts), progress=False)
+
+    @torch.no_grad()
+    def predict_inputs(self, x: torch.Tensor) -> list[Prediction]:
+        """Already-encoded inputs ``[B, ...]`` (embeddings, or images) → one prediction each."""
+        logits = self._scorer(self._prepare(x.to(self.device))).cpu()
+        probs = logits.softmax(-1)
+        out = []
+        for row, top in zip(probs, confidence(logits)):
+            best = int(row.argmax())
+            oos = None if self.threshold is None else bool(top < self.threshold)
+            out.append(Prediction(self.labels[best], {l: round(float(p), 6) for l, p in zip(self.labels, row)}, oos))
+        return out
+
+    def predict(self, inputs: Sequence[str] | torch.Tensor) -> list[Prediction]:
+        """Texts (text runs) or an image tensor ``[B, C, H, W]`` → predictions."""
+        if self.text:
+            if isinstance(inputs, torch.Tensor):
+                raise DataError("This adapter belongs to a text run; pass strings.")
+            return self.predict_inputs(self.embed(inputs))
+        return self.predict_inputs(torch.as_tensor(inputs))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        meta = {"format": "metalab-adapter/1", "run": str(self.run_dir.resolve()), "labels": self.labels,
+                "head": self.head, "threshold": self.threshold, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "modality": "text" if self.text else "image"}
+        save_tensors_atomic(path, {"support_x": self.support_x.contiguous(), "support_y": self.support_y}, meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Adapter":
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"Adapter file '{path}' does not exist; create one with `metalab adapt`.")
+        loaded = load_tensors(path)
+        if loaded is None:
+            raise CheckpointError(f"Adapter file '{path}' is damaged or not an adapter; create it again with `metalab adapt`.")
+        tensors, meta = loaded
+        if meta.get("format") != "metalab-adapter/1":
+            raise CheckpointError(f"File '{path}' is not a metalab adapter (format {meta.get('format')!r}).")
+        return cls(meta["run"], tensors["support_x"], tensors["support_y"], meta["labels"], meta["head"],
+                   meta["threshold"], device)
+
+
+def run_encoder(config):
+    """The sentence encoder a text run was trained on (from its config)."""
+    from metalab.models.text_encoder import load_encoder
+
+    opts = text_options(config.data)
+    return load_encoder(opts["encoder"], layers=opts["layers"])
+
+
+def default_threshold(run_dir: str | Path) -> float | None:
+    """The out-of-scope threshold fitted during the run's evaluation (``eval.json``), if any."""
+    import json
+
+    path = Path(run_dir) / "eval.json"
+    if not path.exists():
+        return None
+    for task in reversed(json.loads(path.read_text()).get("full_task", [])):  # most shots first
+        if "out_of_scope" in task:
+            return float(task["out_of_scope"]["threshold"])
+    return None
+
+
+def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algorithm", threshold: float | None = None,
+                    device: str = "cpu", text_column: str = "text", label_column: str = "label") -> Adapter:
+    """An adapter from a support file: a text ``.csv`` / ``.jsonl`` of ``text,label`` for text runs,
+    an image folder ``root/<label>/*.png`` for image runs."""
+    from metalab.engine.run import RunFolder
+
+    config = RunFolder.open(run_dir).config()
+    support = Path(support)
+    if is_text_spec(config.data.source):
+        from metalab.models.text_encoder import encode_texts
+
+        corpus = load_text_table(support, text_column, label_column, domain_column=None, min_per_class=1)
+        encoder = run_encoder(config)
+        x = encode_texts(encoder, corpus.texts, progress=False)
+        adapter = Adapter(run_dir, x, corpus.y, corpus.class_names, head, threshold, device)
+        adapter._encoder = encoder
+        return adapter
+    if not support.is_dir():
+        raise DataError(f"Support '{support}' must be an image folder root/<label>/*.png for this image run.")
+    from metalab.data.folders import load_image_folder
+
+    source = load_image_folder(support, config.data.image_size)
+    return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device)

