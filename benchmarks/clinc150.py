@@ -30,7 +30,8 @@ from metalab.algorithms.frozen_heads import fit_head
 from metalab.data.catalog import CLINC150_TEST_DOMAINS, load_splits
 from metalab.data.text import load_clinc150
 from metalab.engine import MetaTrainer, RunConfig
-from metalab.engine.evaluate import evaluate
+from metalab.data import EpisodeSampler
+from metalab.engine.evaluate import encode_source, evaluate_sampler, mean_ci95
 from metalab.engine.text_eval import confidence, draw_support, evaluate_full_task, fit_oos_threshold, oos_metrics
 from metalab.models import build_backbone
 from metalab.models.text_encoder import SentenceEncoder, embed_corpus, encode_texts
@@ -95,7 +96,7 @@ def finetuned(draws: int, epochs: int, log) -> tuple[str, dict]:
     from metalab.models.text_finetune import finetune_encoder
 
     corpus = load_clinc150()
-    encoder = SentenceEncoder()
+    encoder = SentenceEncoder(layers=LAYERS)
     source = embed_corpus(corpus, encoder)  # only to draw support indices and hold the test texts
     texts = source.meta["per_example"]["text"]
     names = _name_texts(corpus.class_names)
@@ -115,31 +116,48 @@ def finetuned(draws: int, epochs: int, log) -> tuple[str, dict]:
         log(f"fine-tuned draw {d}: {100 * acc:.2f} % ({recs[-1]:.0f} s)")
     mean = statistics.mean(accs)
     ci = 1.96 * statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else 0.0
-    return (f"fine-tuned encoder ({epochs} epochs, lr 1e-4, cosine-classifier loss) + intent names, logistic",
+    return (f"fine-tuned encoder, layers 4-6 ({epochs} epochs, lr 1e-4, cosine-classifier loss) + intent names, logistic",
             {"accuracy": mean, "accuracy_ci95": ci, "draws": draws, "seconds_per_draw": statistics.mean(recs)})
 
 
 def cross_domain(budget_steps: int, log) -> list[tuple[str, str, float, float]]:
     splits = load_splits("clinc150", text={"encoder": "minilm", "layers": list(LAYERS)})
     log(f"split: {splits.description}")
-    rows = []
     plain = build_algorithm("protonet", build_backbone("identity", (splits.train.x.shape[1],))).eval()
-    config = RunConfig.from_dict({"name": "clinc-protonet", "data": {"source": "clinc150"},
-                                  "train": {"algo": "protonet", "backbone": "linear", "ways": 5, "shots": [1, 5],
-                                            "queries": 10, "meta_batch": 16, "steps": budget_steps, "lr": 1e-3,
-                                            "val_every": 100, "checkpoint_every": budget_steps}})
-    run_dir = Path("runs") / f"bench-clinc-protonet-{time.strftime('%Y%m%d-%H%M%S')}"
-    trainer = MetaTrainer(config, run_dir, splits=splits, show_progress=False, log=lambda *_: None)
-    t = time.perf_counter()
-    trainer.train()
-    log(f"meta-trained ProtoNet + linear projection: {budget_steps} steps in {time.perf_counter() - t:.0f} s")
-    learned = trainer.algorithm.eval()
+    heads = [("plain prototypes (frozen embeddings, no training)", plain)]
+    for backbone, lr in (("diagonal", 1e-2), ("linear", 1e-3)):
+        config = RunConfig.from_dict({"name": f"clinc-protonet-{backbone}", "data": {"source": "clinc150"},
+                                      "train": {"algo": "protonet", "backbone": backbone, "ways": 5, "shots": [1, 5],
+                                                "queries": 10, "meta_batch": 16, "steps": budget_steps, "lr": lr,
+                                                "val_every": 100, "checkpoint_every": budget_steps}})
+        run_dir = Path("runs") / f"bench-clinc-protonet-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trainer = MetaTrainer(config, run_dir, splits=splits, show_progress=False, log=lambda *_: None)
+        t = time.perf_counter()
+        trainer.train()
+        log(f"meta-trained ProtoNet + {backbone} head (lr {lr}): {budget_steps} steps in {time.perf_counter() - t:.0f} s")
+        what = "per-dimension weighting" if backbone == "diagonal" else "full linear projection"
+        heads.append((f"ProtoNet + meta-learned {what} ({backbone}, lr {lr})", trainer.algorithm.eval()))
+    rows = []
     for shots in (1, 5):
-        for label, algo in (("plain prototypes (frozen embeddings)", plain), ("ProtoNet + meta-learned projection", learned)):
-            r = evaluate(algo, splits.test, 5, shots, 15, 600, seed=2024, show_progress=False)
-            rows.append((f"5w{shots}s", label, r.mean, r.ci95))
-            log(f"5w{shots}s {label}: {100 * r.mean:.2f} ± {100 * r.ci95:.2f}")
+        per_episode = {}
+        for label, algo in heads:
+            per_episode[label] = _episode_accuracies(algo, splits.test, shots)
+            mean, ci = mean_ci95(per_episode[label])
+            rows.append((f"5w{shots}s", label, mean, ci))
+            log(f"5w{shots}s {label}: {100 * mean:.2f} ± {100 * ci:.2f}")
+        base = per_episode[heads[0][0]]
+        for label, _ in heads[1:]:  # same 600 episodes: the paired difference is the sharper test
+            mean, ci = mean_ci95(per_episode[label] - base)
+            rows.append((f"5w{shots}s", f"difference: {label.split(' (')[0]} − plain prototypes (paired)", mean, ci))
+            log(f"5w{shots}s paired difference {label}: {100 * mean:+.2f} ± {100 * ci:.2f}")
     return rows
+
+
+def _episode_accuracies(algo, source, shots: int) -> torch.Tensor:
+    """Accuracy of each of 600 5-way episodes (15 queries), the same episodes for every head."""
+    features = encode_source(algo, source, torch.device("cpu"))
+    sampler = EpisodeSampler(features, 5, shots, 15, tasks=50, seed=2024)
+    return evaluate_sampler(algo, sampler, 600, "cpu", features=True, show_progress=False)
 
 
 def latency(log) -> list[tuple[str, float]]:
@@ -168,21 +186,24 @@ def main() -> None:
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--meta-steps", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/clinc150.md"))
+    parser.add_argument("--only", choices=["cross-domain-and-latency"], help="run only these sections (written to --out)")
     args = parser.parse_args()
     torch.manual_seed(0)
     lines: list[str] = []
     log = lambda s: (print(s, flush=True), lines.append(s))  # noqa: E731
     start = time.strftime("%Y-%m-%d %H:%M")
-    frozen = all_intents(args.draws, log)
+    only = args.only is not None
+    frozen = [] if only else all_intents(args.draws, log)
     cross = cross_domain(args.meta_steps, log)
     lat = latency(log)
-    ft = None if args.skip_finetune else finetuned(args.finetune_draws, args.finetune_epochs, log)
+    ft = None if args.skip_finetune or only else finetuned(args.finetune_draws, args.finetune_epochs, log)
 
     md = [f"# CLINC150 with all-MiniLM-L6-v2 ({start}, {torch.get_num_threads()} CPU threads, torch {torch.__version__})", "",
-          "## All 150 intents, 5 shots each (from the train split), whole in-scope test split (4,500)", "",
-          f"Mean ± 95 % CI over {args.draws} support draws (seeds 0..{args.draws - 1}). OOS: threshold on the top logit fitted "
-          "on val + oos_val, figures on test + oos_test.", "",
-          "| route | accuracy (%) | macro F1 | in-scope acc. with OOS (%) | OOS recall (%) |", "|---|---|---|---|---|"]
+          *([] if only else ["## All 150 intents, 5 shots each (from the train split), whole in-scope test split (4,500)", ""]),
+          *([] if only else [
+              f"Mean ± 95 % CI over {args.draws} support draws (seeds 0..{args.draws - 1}). OOS: threshold on the top logit fitted "
+              "on val + oos_val, figures on test + oos_test.", "",
+              "| route | accuracy (%) | macro F1 | in-scope acc. with OOS (%) | OOS recall (%) |", "|---|---|---|---|---|"])]
     for label, rec in frozen:
         md.append(f"| {label} | {100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} | {rec['macro_f1']:.3f} | "
                   f"{100 * rec['oos']['in_scope_accuracy']:.2f} | {100 * rec['oos']['oos_recall']:.2f} |")
@@ -192,7 +213,8 @@ def main() -> None:
                   f"{100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} | | | |")
     md += ["", f"## Cross-domain: meta-test domains {', '.join(CLINC150_TEST_DOMAINS)} (45 intents), 600 episodes, 15 queries", "",
            "| setting | head on frozen layers-4-6 embeddings | accuracy (%) |", "|---|---|---|"]
-    md += [f"| {s} | {label} | {100 * m:.2f} ± {100 * c:.2f} |" for s, label, m, c in cross]
+    md += [f"| {s} | {label} | {100 * m:+.2f} ± {100 * c:.2f} |" if label.startswith("difference") else
+           f"| {s} | {label} | {100 * m:.2f} ± {100 * c:.2f} |" for s, label, m, c in cross]
     md += ["", "## Adaptation latency, new 150-way 5-shot task from cached embeddings (median of 20)", "",
            "| head | ms |", "|---|---|"]
     md += [f"| {k} | {1000 * v:.1f} |" for k, v in lat]

@@ -6,7 +6,9 @@
 Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
 second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
 5-way 1-shot, 15 queries, meta-batch 32, 1 inner step), each case in its own process so its
-peak resident memory is its own; plus Omniglot episode sampling rate. The reference is
+peak resident memory is its own; adaptation latency (image 20-way 5-shot, text 150-way 5-shot
+from cached embeddings); peak memory of 2nd-order MAML with 5 inner steps with and without
+checkpointed inner steps; Omniglot episode sampling rate. The reference is
 :mod:`benchmarks.reference_l2l` (learn2learn's clone()/adapt() loop, re-implemented because
 learn2learn cannot be installed beside torch 2.13 / Python 3.11).
 """
@@ -73,21 +75,25 @@ def run_case(case: str, steps: int) -> dict:
         from metalab.engine.trainer import build_model
 
         options = {"maml": {"inner_lr": 0.4, "inner_steps": 1}, "fomaml": {"inner_lr": 0.4, "inner_steps": 1},
-                   "anil": {"inner_lr": 0.5, "inner_steps": 1}, "protonet": {}}[case]
-        cfg = RunConfig.from_dict({"train": {"algo": case, "algo_options": options, "device": "cpu"}})
+                   "anil": {"inner_lr": 0.5, "inner_steps": 1}, "protonet": {},
+                   "maml-5step": {"inner_lr": 0.4, "inner_steps": 5},
+                   "maml-5step-checkpointed": {"inner_lr": 0.4, "inner_steps": 5, "checkpoint_inner": True}}[case]
+        algo = "maml" if case.startswith("maml-5step") else case
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu"}})
         algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
         opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
 
-        def step():
-            loss, _ = algorithm.meta_loss(algorithm.params(), batch)
+        def step():  # exactly what MetaTrainer does per step
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            algorithm.meta_backward(algorithm.params(), batch)
             opt.step()
 
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times = _time(step, steps)
     median = statistics.median(times)
-    return {"case": case, "median_s": median, "tasks_per_s": TASKS / median,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"case": case, "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
+            "step_rss_mb": peak - baseline}
 
 
 def sampling_rate(seconds: float = 3.0) -> dict:
@@ -140,6 +146,33 @@ def adaptation_latency(repeats: int = 20) -> dict:
     return out
 
 
+def text_latency(repeats: int = 20) -> dict:
+    """Milliseconds to adapt to a new 150-way 5-shot CLINC150 task from cached embeddings and
+    predict one utterance (median of ``repeats``), per head; the first call encodes and caches."""
+    from metalab.algorithms.frozen_heads import fit_head
+    from metalab.data.text import load_clinc150
+    from metalab.engine.text_eval import draw_support
+    from metalab.models.text_encoder import SentenceEncoder, embed_corpus
+
+    source = embed_corpus(load_clinc150(), SentenceEncoder(layers=(4, 5, 6)), progress=False)
+    support, _ = draw_support(source, 5, 0)
+    sx, sy, q = source.x[support], source.y[support], source.x[:1]
+    out = {}
+    for kind in ("prototypes", "ridge", "logistic"):
+        out[kind] = 1000 * statistics.median(_time(lambda: fit_head(kind, sx, sy, 150).scores(q), repeats))
+    return out
+
+
+def memory(steps: int) -> dict:
+    """Second-order MAML with 5 inner steps, with and without checkpointed inner steps."""
+    out = {}
+    for case in ("maml-5step", "maml-5step-checkpointed"):
+        res = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(steps)],
+                             capture_output=True, text=True, check=True)
+        out[case] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help="run one case in this process and print JSON")
@@ -170,6 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     lat = adaptation_latency()
     print(f"adapt + predict, new 20-way 5-shot image task (300 queries): protonet {lat['protonet']:.1f} ms, "
           f"maml (10 steps) {lat['maml']:.1f} ms")
+    t = text_latency()
+    print("adapt + predict, new 150-way 5-shot text task from cached embeddings (CLINC150, MiniLM layers 4-6): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items()))
+    m = memory(max(5, args.steps // 4))
+    plain, ckpt = m["maml-5step"], m["maml-5step-checkpointed"]
+    print(f"2nd-order MAML, 5 inner steps, meta-batch {TASKS}: {plain['median_s']:.3f} s/step, peak RSS {plain['peak_rss_mb']:.0f} MB "
+          f"(+{plain['step_rss_mb']:.0f} MB for the step); checkpointed inner steps: {ckpt['median_s']:.3f} s/step, "
+          f"peak RSS {ckpt['peak_rss_mb']:.0f} MB (+{ckpt['step_rss_mb']:.0f} MB)")
     s = sampling_rate()
     print(f"episode sampling (5w1s15q, incl. image gather): metalab {s['metalab_eps']:,.0f} episodes/s, "
           f"per-item reference {s['reference_eps']:,.0f} episodes/s, {s['metalab_eps'] / s['reference_eps']:.1f}x")

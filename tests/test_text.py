@@ -261,3 +261,47 @@ def test_bad_support_file_is_one_clear_line(tiny_encoder_dir, tmp_path):
     run = tmp_path / "missing-run"
     out = metalab("adapt", "--run", str(run), "--support", str(tmp_path / "x.csv"))
     assert out.returncode == 2 and "error:" in out.stderr and len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_embedding_heads_backbones(tmp_path):
+    from conftest import make_clusters
+    from helpers import cluster_config, test_accuracy, train_on
+    from metalab.errors import ConfigError
+
+    source = make_clusters()
+    with pytest.raises(ConfigError, match="has nothing to train"):
+        train_on(source, cluster_config("protonet", backbone="identity"), tmp_path / "a")
+    trainer = train_on(source, cluster_config("protonet", steps=150, backbone="diagonal", lr=3e-2), tmp_path / "b")
+    untrained = test_accuracy(trainer)  # log_scale = 0: plain prototypes on the raw features
+    trainer.train()
+    trained = test_accuracy(trainer)
+    # only 4 of 32 dims carry the class: a meta-learned weighting finds them on unseen classes
+    assert trained > untrained + 0.15, (untrained, trained)
+
+
+def test_finetuning_the_encoder_separates_its_classes_and_leaves_the_original(tiny_encoder_dir):
+    from metalab.algorithms.frozen_heads import fit_head
+    from metalab.models.text_finetune import finetune_encoder
+
+    enc = SentenceEncoder(tiny_encoder_dir)
+    rows = intent_rows()
+    names = sorted(INTENTS)
+    train = [(t, names.index(l)) for i, (t, l, _) in enumerate(rows) if i % 6 < 4]
+    held = [(t, names.index(l)) for i, (t, l, _) in enumerate(rows) if i % 6 >= 4]
+    texts, y = [t for t, _ in train], torch.tensor([l for _, l in train])
+    qtexts, qy = [t for t, _ in held], torch.tensor([l for _, l in held])
+    before_state = {k: v.clone() for k, v in enc.model.state_dict().items()}
+
+    def margin(encoder):  # mean (own-class cosine − best other-class cosine) of the support
+        z = encoder.encode(texts)
+        sim = z @ fit_head("prototypes", z, y, 6).weight.T
+        own = sim.gather(1, y[:, None]).squeeze(1)
+        other = sim.scatter(1, y[:, None], -9).max(1).values
+        return float((own - other).mean())
+
+    tuned = finetune_encoder(enc, texts, y, 6, epochs=8, lr=1e-3, batch_size=8, progress=False)
+    assert margin(tuned) > margin(enc) + 0.05
+    assert tuned.model_id != enc.model_id
+    assert all(torch.equal(before_state[k], v) for k, v in enc.model.state_dict().items())  # original untouched
+    head = fit_head("logistic", tuned.encode(texts), y, 6)
+    assert (head.scores(tuned.encode(qtexts)).argmax(1) == qy).float().mean() > 1 / 6 + 0.2  # beyond chance on unseen texts

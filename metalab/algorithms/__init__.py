@@ -27,7 +27,7 @@ from metalab.algorithms.r2d2 import R2D2
 from metalab.algorithms.reptile import Reptile
 from metalab.errors import ConfigError
 
-_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution")
+_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner")
 _HEAD_OPTIONS = ("scale", "finetune_steps", "finetune_lr")
 
 

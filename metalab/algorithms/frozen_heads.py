@@ -82,7 +82,7 @@ def ridge_head(z: torch.Tensor, y: torch.Tensor, ways: int, lam: float = 1.0, sc
     return FrozenHead(weight, torch.zeros(ways), True, None, scale)
 
 
-def logistic_head(z: torch.Tensor, y: torch.Tensor, ways: int, c: float = 10.0, steps: int = 100, center: bool = False) -> FrozenHead:
+def logistic_head(z: torch.Tensor, y: torch.Tensor, ways: int, c: float = 30.0, steps: int = 25, center: bool = False) -> FrozenHead:
     """Multinomial logistic regression (L2 penalty ``1/(2c)·|W|²`` per example-sum, as scikit-learn's
     ``C``) on normalised features, fitted with L-BFGS from a prototype start."""
     cen = z.float().mean(0) if center else None

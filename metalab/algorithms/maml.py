@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.checkpoint import checkpoint
 
 from metalab.algorithms.base import Algorithm, Predictor, sub_params
 from metalab.algorithms.grouped import grouped_features, supports_grouped
@@ -47,6 +48,7 @@ class MAML(Algorithm):
         execution: str = "auto",
         task: str = "classification",
         outputs: int = 1,
+        checkpoint_inner: bool = False,
     ) -> None:
         super().__init__(backbone)
         if execution not in ("auto", "loop", "vmap", "grouped"):
@@ -62,6 +64,7 @@ class MAML(Algorithm):
         self.head_bias = nn.Parameter(torch.zeros(rows))
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order, self.execution, self.task = first_order, execution, task
+        self.checkpoint_inner = checkpoint_inner
         if first_order:
             self.name = "fomaml"
 
@@ -102,11 +105,22 @@ class MAML(Algorithm):
     def inner_loop(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, ways: int, steps: int, create_graph: bool) -> Params:
         fast = self.task_init(params, ways)
         lrs = self.inner_lrs(params)
+        keys = list(fast)
+
+        def step(*weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            current = dict(zip(keys, weights))
+            loss = self.loss_fn(self.forward_fast(current, sx), sy)
+            grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
+            return tuple(w - lrs[k] * g for k, w, g in zip(keys, weights, grads))
+
+        weights = tuple(fast.values())
         for _ in range(steps):
-            loss = self.loss_fn(self.forward_fast(fast, sx), sy)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-            fast = {k: w - lrs[k] * g for (k, w), g in zip(fast.items(), grads)}
-        return fast
+            if self.checkpoint_inner and create_graph and torch.is_grad_enabled():
+                # keep only each step's fast weights; recompute its graph during the meta-backward
+                weights = checkpoint(step, *weights, use_reentrant=False)
+            else:
+                weights = step(*weights)
+        return dict(zip(keys, weights))
 
     def execution_for(self, device: torch.device) -> str:
         """The execution ``auto`` resolves to on ``device``."""

@@ -33,7 +33,7 @@ class DataConfig:
 class TrainConfig:
     algo: str = "protonet"
     algo_options: dict = field(default_factory=dict)
-    backbone: str = "auto"  #: conv4, mlp, linear, identity; auto: conv4 for images, linear for embeddings (text), mlp otherwise
+    backbone: str = "auto"  #: conv4, mlp, linear, identity; auto: conv4 for images, diagonal for embeddings (text), mlp otherwise
     hidden: int = 64
     ways: int | list = 5  #: an int, or [min, max] drawn per meta-batch
     shots: int | list = 1

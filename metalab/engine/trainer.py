@@ -71,12 +71,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_backbone(name: str, example_shape: tuple[int, ...], source: str) -> str:
-    """``auto`` → ``conv4`` for images ``[C, H, W]``, ``linear`` for text embeddings, else ``mlp``."""
+    """``auto`` → ``conv4`` for images ``[C, H, W]``, ``diagonal`` for text embeddings (a full
+    ``linear`` projection overfits the meta-train intents: see benchmarks/results), else ``mlp``."""
     if name != "auto":
         return name
     if len(example_shape) == 3:
         return "conv4"
-    return "linear" if is_text_spec(source) else "mlp"
+    return "diagonal" if is_text_spec(source) else "mlp"
 
 
 def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch.device, context: dict | None = None) -> Algorithm:
@@ -139,6 +140,9 @@ class MetaTrainer:
         self.example_shape = list(example_shape)
         self.algorithm = build_model(config, example_shape, self.device, self.context)
         self.run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
+        if not any(p.requires_grad for p in self.algorithm.parameters()):
+            raise ConfigError(f"'{t.algo}' with backbone '{t.backbone}' has nothing to train; pick a trainable backbone "
+                              "(e.g. 'linear' or 'diagonal' for embeddings) — 'identity' is for evaluation only.")
         self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=t.lr)
         self.start_step, self.elapsed_before = 0, 0.0
         if resume:

@@ -116,11 +116,28 @@ def build_backbone(name: str, example_shape: tuple[int, ...], hidden: int = 64, 
         for d in example_shape:
             in_dim *= d
         return MLP(in_dim, (hidden * 4, hidden * 2), norm)
+    if name == "diagonal":
+        if len(example_shape) != 1:
+            raise ConfigError(f"backbone 'diagonal' needs feature vectors [D]; this data has shape {list(example_shape)}.")
+        return DiagonalScale(example_shape[0])
     if name in ("linear", "identity"):
         if len(example_shape) != 1:
             raise ConfigError(f"backbone '{name}' needs feature vectors [D]; this data has shape {list(example_shape)}; use 'conv4' or 'mlp'.")
         return LinearProjection(example_shape[0], trainable=name == "linear")
-    raise ConfigError(f"backbone '{name}' is unknown; choose one of: conv4, mlp, linear, identity.")
+    raise ConfigError(f"backbone '{name}' is unknown; choose one of: conv4, mlp, linear, diagonal, identity.")
+
+
+class DiagonalScale(nn.Module):
+    """``z · exp(s)`` on fixed features ``[B, D] → [B, D]``, ``s`` starting at zero: a meta-learned
+    weighting of embedding dimensions (D parameters, so it cannot memorise the training classes)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.out_dim = dim
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.log_scale.exp()
 
 
 class LinearProjection(nn.Module):

@@ -95,19 +95,23 @@ class SentenceEncoder:
 
     def _encode_layers(self, texts: Sequence[str], batch_size: int) -> torch.Tensor:
         """Mean-pooled token states of each layer in ``self.layers``, each L2-normalised, concatenated."""
-        transformer = self.model[0]
         outs = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                batch = transformer.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                              max_length=transformer.max_seq_length, return_tensors="pt")
-                batch = {k: v.to(self.model.device) for k, v in batch.items()}
-                hidden = transformer.auto_model(**batch, output_hidden_states=True).hidden_states
-                mask = batch["attention_mask"][..., None].float()
-                pooled = [F.normalize((hidden[layer] * mask).sum(1) / mask.sum(1), dim=-1) for layer in self.layers]
-                out = torch.cat(pooled, -1)
-                outs.append(F.normalize(out, dim=-1) if self.normalize else out)
+                outs.append(self.layer_features(texts[start:start + batch_size]))
         return torch.cat(outs).float().cpu()
+
+    def layer_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[len(texts), dim]`` from ``self.layers`` (differentiable: used by fine-tuning too)."""
+        transformer = self.model[0]
+        batch = transformer.tokenizer(list(texts), padding=True, truncation=True,
+                                      max_length=transformer.max_seq_length, return_tensors="pt")
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        hidden = transformer.auto_model(**batch, output_hidden_states=True).hidden_states
+        mask = batch["attention_mask"][..., None].float()
+        pooled = [F.normalize((hidden[layer] * mask).sum(1) / mask.sum(1), dim=-1) for layer in self.layers]
+        out = torch.cat(pooled, -1)
+        return F.normalize(out, dim=-1) if self.normalize else out
 
 
 def _folder_fingerprint(folder: Path) -> str:

@@ -25,8 +25,6 @@ def finetune_encoder(encoder: SentenceEncoder, texts: Sequence[str], labels: tor
                      scale: float = 20.0, seed: int = 0, progress: bool = True) -> SentenceEncoder:
     """A copy of ``encoder`` fine-tuned on ``texts`` / ``labels [S]`` (``range(ways)``); the
     original is untouched. Its ``model_id`` gains a suffix so cached embeddings never mix."""
-    if encoder.layers:
-        raise ConfigError("Fine-tuning uses the model's own pooled output; load the encoder without 'layers'.")
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(texts) != len(labels) or len(texts) == 0:
         raise ConfigError(f"Fine-tuning needs one label per text; got {len(texts)} texts and {len(labels)} labels.")
@@ -52,10 +50,7 @@ def finetune_encoder(encoder: SentenceEncoder, texts: Sequence[str], labels: tor
             order = torch.randperm(len(texts), generator=g)
             for start_i in range(0, len(texts), batch_size):
                 idx = order[start_i:start_i + batch_size]
-                prepare = getattr(model, "preprocess", None) or model.tokenize
-                features = prepare([texts[i] for i in idx])
-                features = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
-                emb = F.normalize(model(features)["sentence_embedding"], dim=-1)
+                emb = F.normalize(_features(tuned, [texts[i] for i in idx]), dim=-1)
                 loss = F.cross_entropy(scale * emb @ F.normalize(head, dim=-1).T, labels[idx].to(device))
                 optimizer.zero_grad()
                 loss.backward()
@@ -64,3 +59,14 @@ def finetune_encoder(encoder: SentenceEncoder, texts: Sequence[str], labels: tor
                 bar.advance(1)
     model.eval()
     return tuned
+
+
+def _features(encoder: SentenceEncoder, texts: list[str]) -> torch.Tensor:
+    """Differentiable embeddings, the same ones ``encoder.encode`` returns at inference."""
+    if encoder.layers:
+        return encoder.layer_features(texts)
+    model = encoder.model
+    prepare = getattr(model, "preprocess", None) or model.tokenize
+    features = prepare(texts)
+    features = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+    return model(features)["sentence_embedding"]
