@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -76,6 +77,16 @@ def train(
     from metalab.engine.eval_run import evaluate_run
     from metalab.engine.run import default_run_dir
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and out is None and resume is None:
+        raise ConfigError("Under torchrun pass --out RUN_FOLDER, so every process writes to the same run folder.")
+    if not main_rank:
+        console.quiet = True
+        progress = False
+    if resume is None and out is not None and (out / "config.yaml").exists() \
+            and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = out  # torchrun --max-restarts restarted us: continue from the last good checkpoint
+        config, set_ = None, []
     if resume is not None:
         if config is not None or set_:
             raise ConfigError("--resume continues a run with its own config.yaml; drop --config/--set.")

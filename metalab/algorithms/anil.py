@@ -26,6 +26,7 @@ class ANIL(FeatureHeadAlgorithm):
         self.head_bias = nn.Parameter(torch.zeros(1))
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order = first_order
+        self.invariant_params = ("head_weight", "head_bias")  # shared by every class: softmax ignores it
 
     def adapted_heads(self, params, support_z, support_y, ways: int, steps: int, create_graph: bool):
         """Per-task heads ``W [T, N, D]``, ``b [T, N]`` after ``steps`` SGD steps on the support loss."""

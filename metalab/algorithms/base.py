@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalab.data.episodes import Episodes
+from metalab.models.backbones import normalised_biases
 
 
 def sub_params(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -75,7 +76,24 @@ class Algorithm(nn.Module):
         loss, metrics = self.meta_loss(params, batch)
         if torch.isfinite(loss):
             loss.backward()
+        self.drop_invariant_grads()
         return loss.detach(), metrics
+
+    #: parameters the loss provably does not depend on, besides biases that feed a norm layer
+    #: (see :meth:`drop_invariant_grads`)
+    invariant_params: tuple[str, ...] = ()
+
+    def drop_invariant_grads(self) -> None:
+        """Clear the gradients of ``invariant_params``. Their true gradient is zero; what autograd
+        returns is float round-off, which Adam would scale up into full-size random steps (and
+        which differs between one process and several)."""
+        invariant = self.__dict__.get("_invariant_names")
+        if invariant is None:
+            invariant = set(self.invariant_params) | {f"backbone.{n}" for n in normalised_biases(self.backbone)}
+            self.__dict__["_invariant_names"] = invariant
+        for name, p in self.named_parameters():
+            if name in invariant:
+                p.grad = None
 
     def adapt(self, params: dict[str, torch.Tensor], support_x: torch.Tensor, support_y: torch.Tensor, ways: int) -> Predictor:
         raise NotImplementedError

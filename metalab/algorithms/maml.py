@@ -65,6 +65,10 @@ class MAML(Algorithm):
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order, self.execution, self.task = first_order, execution, task
         self.checkpoint_inner = checkpoint_inner
+        if task == "classification":
+            # one row copied to every class: moving it moves every logit by the same amount, which
+            # softmax ignores, so the loss does not depend on it (its gradient is round-off)
+            self.invariant_params = ("head_weight", "head_bias")
         if first_order:
             self.name = "fomaml"
 
@@ -163,6 +167,7 @@ class MAML(Algorithm):
             (loss / batch.tasks).backward()
             losses.append(loss.detach())
             scores.append(self.score(out.detach(), batch.query_y[t]))
+        self.drop_invariant_grads()
         loss = torch.stack(losses).mean()
         return loss, {"loss": loss.item(), self.metric_name: torch.stack(scores).mean().item()}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from metalab.algorithms.base import Algorithm
 from metalab.algorithms.maml import MAML
 
 
@@ -23,6 +24,11 @@ class Reptile(MAML):
         super().__init__(backbone, inner_lr=inner_lr, inner_steps=inner_steps, test_inner_steps=test_inner_steps,
                          first_order=True, **kwargs)
         self.name = "reptile"
+        self.invariant_params = ()  # Reptile's surrogate moves the shared head row (towards the class rows' mean)
+
+    def meta_backward(self, params, batch):
+        # the surrogate's gradient (the Reptile direction), not MAML's per-task query-loss backward
+        return Algorithm.meta_backward(self, params, batch)
 
     def meta_loss(self, params, batch):
         surrogate, losses, scores = 0.0, [], []

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from metalab.data.catalog import is_task_family, load_splits, load_task_family, text_options
+from metalab.engine.distributed import current
 from metalab.engine.evaluate import EvalResult, evaluate, evaluate_regression
 from metalab.engine.run import RunFolder
 from metalab.engine.trainer import load_trained
@@ -52,7 +53,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
             record["full_task"] = _text_full_tasks(algorithm, splits, source, e, device, show_progress)
     record["evaluated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     record["results"] = [r.as_dict() for r in results]
-    if split == "test":
+    if split == "test" and current().is_main:  # under torchrun every rank evaluated its share; rank 0 writes
         RunFolder.open(run_dir).write_eval(record)
     return record
 

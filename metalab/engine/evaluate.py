@@ -11,6 +11,7 @@ import torch
 from metalab.algorithms.base import Algorithm, accuracy
 from metalab.data.sampler import EpisodeSampler
 from metalab.data.source import LabelledSource
+from metalab.engine import distributed
 from metalab.engine.progress import progress_bar
 
 
@@ -78,13 +79,18 @@ def evaluate_sampler(algorithm: Algorithm, sampler, episodes: int, device: torch
     was_training = algorithm.training
     algorithm.eval()
     try:
-        scores, batches = [], math.ceil(episodes / sampler.tasks)
-        with progress_bar(description, batches, enabled=show_progress) as bar:
-            for i in range(batches):
+        ctx = distributed.current()  # under torchrun, ranks score interleaved batches, then gather
+        batches = math.ceil(episodes / sampler.tasks)
+        mine = range(ctx.rank, batches, ctx.world_size)
+        scores: dict[int, torch.Tensor] = {}
+        with progress_bar(description, len(mine), enabled=show_progress and ctx.is_main) as bar:
+            for i in mine:
                 batch = sampler.sample(i).to(device)
-                scores.append(task_scores(algorithm, batch, features, regression, steps).detach().cpu())
+                scores[i] = task_scores(algorithm, batch, features, regression, steps).detach().cpu()
                 bar.advance()
-        return torch.cat(scores)[:episodes]
+        if ctx.active:
+            scores = {i: v for part in distributed.gather_objects(scores, ctx) for i, v in part.items()}
+        return torch.cat([scores[i] for i in range(batches)])[:episodes]
     finally:
         algorithm.train(was_training)
 

@@ -30,6 +30,8 @@ from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import evaluate, evaluate_regression
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
+from metalab.engine.distributed import (all_mean, average_gradients, barrier, broadcast_parameters, check_divisible,
+                                        from_main, init_distributed, sync_batch_norm)
 from metalab.errors import CheckpointError, ConfigError, TrainingDiverged
 from metalab.models import build_backbone
 
@@ -122,9 +124,12 @@ class MetaTrainer:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, splits: Splits | None = None, resume: bool = False,
                  show_progress: bool = True, log: Callable[[str], None] = print) -> None:
-        self.config, self.log, self.show_progress = config, log, show_progress
         d, t = config.data, config.train
         self.device = resolve_device(t.device)
+        self.dist = init_distributed(self.device)
+        check_divisible(t.meta_batch, self.dist)
+        self.config, self.show_progress = config, show_progress and self.dist.is_main
+        self.log = log if self.dist.is_main else (lambda *_: None)
         if is_task_family(d.source):
             self.splits = None
             self.sampler = load_task_family(d.source, shots=_max(t.shots), queries=t.queries, tasks=t.meta_batch, seed=t.seed)
@@ -139,7 +144,15 @@ class MetaTrainer:
             example_shape = tuple(train.x.shape[1:])
         self.example_shape = list(example_shape)
         self.algorithm = build_model(config, example_shape, self.device, self.context)
-        self.run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
+        if self.dist.active:
+            sync_batch_norm(self.algorithm)
+            broadcast_parameters(self.algorithm, self.dist)
+        if resume:
+            self.run = RunFolder.open(run_dir)
+        else:  # rank 0 creates the folder; the others open it once it exists
+            self.run = RunFolder.create(run_dir, config) if self.dist.is_main else None
+            barrier(self.dist)
+            self.run = self.run or RunFolder.open(run_dir)
         if not any(p.requires_grad for p in self.algorithm.parameters()):
             raise ConfigError(f"'{t.algo}' with backbone '{t.backbone}' has nothing to train; pick a trainable backbone "
                               "(e.g. 'linear' or 'diagonal' for embeddings) — 'identity' is for evaluation only.")
@@ -152,7 +165,8 @@ class MetaTrainer:
         found = latest_good_checkpoint(self.run.path, warn=self.log)
         if found is None:
             self.log(f"No usable checkpoint in '{self.run.path}'; starting from step 0.")
-            self.run.truncate_metrics(-1)
+            if self.dist.is_main:
+                self.run.truncate_metrics(-1)
             return
         step, path, (model_state, optim_state, info) = found
         model_state, rng = split_rng_state(model_state)
@@ -161,11 +175,15 @@ class MetaTrainer:
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state)
         self.start_step, self.elapsed_before = step, float(info.get("elapsed", 0.0))
-        self.run.truncate_metrics(step)
+        if self.dist.is_main:
+            self.run.truncate_metrics(step)
+        barrier(self.dist)  # nobody trains on until rank 0 has trimmed the metrics
         self.log(f"Resuming '{self.run.path}' from step {step} ({path.name}).")
 
     def save(self, step: int, elapsed: float) -> Path:
         path = self.run.checkpoint_path(step)
+        if not self.dist.is_main:  # the weights are the same on every rank; rank 0 writes them
+            return path
         info = {"step": step, "elapsed": elapsed, "algo": self.config.train.algo,
                 "example_shape": self.example_shape, "context": self.context}
         state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()}}
@@ -211,22 +229,29 @@ class MetaTrainer:
         with progress_bar(f"train {t.algo}", t.steps, enabled=self.show_progress, status=True) as bar:
             bar.advance(step)
             while step < t.steps:
-                if t.time_budget is not None and elapsed() >= t.time_budget:
+                spent = from_main(elapsed(), self.dist)  # every rank follows rank 0's clock
+                if t.time_budget is not None and spent >= t.time_budget:
                     stopped_by = "time_budget"
                     break
                 progress = step / t.steps
                 if t.time_budget is not None:  # anneal on whichever runs out first: steps or time
-                    progress = max(progress, elapsed() / t.time_budget)
+                    progress = max(progress, spent / t.time_budget)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.config, progress)
                 batch = self._prepare(step)
+                if self.dist.active:  # this rank's contiguous share of the global meta-batch
+                    batch = batch.split_tasks(self.dist.world_size, self.dist.rank)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss, metrics = self.algorithm.meta_backward(self.algorithm.params(), batch)
+                if self.dist.active:
+                    metrics = all_mean({**metrics, "loss": float(loss)}, self.dist)
+                    loss = torch.tensor(metrics["loss"])
+                    average_gradients(self.algorithm, self.dist)
                 if not torch.isfinite(loss):
                     self._diverged(step, loss)  # before the optimiser step: the weights stay good
                 self.optimizer.step()
                 step += 1
-                window_tasks += batch.tasks
+                window_tasks += batch.tasks * self.dist.world_size
                 if step % t.log_every == 0 or step == t.steps:
                     now = time.perf_counter()
                     last = {"step": step, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
@@ -234,7 +259,8 @@ class MetaTrainer:
                     window_t, window_tasks = now, 0
                     if step % t.val_every == 0 or step == t.steps:
                         last.update(self.validate())
-                    self.run.append_metrics(last)
+                    if self.dist.is_main:
+                        self.run.append_metrics(last)
                     shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
                     bar.set(status=f"{shown} {last['tasks_per_s']:.0f} tasks/s")
                 if step % t.checkpoint_every == 0:

@@ -36,6 +36,8 @@ class BatchStatNorm(nn.Module):
     (BatchNorm in training mode without running statistics: the MAML convention). Uses the fused
     batch-norm kernel, or plain ops inside :func:`plain_norm_ops`."""
 
+    subtracts_batch_mean = True
+
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
@@ -157,3 +159,18 @@ class LinearProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         return x + self.proj(x) if self.trainable else x
+
+
+def normalised_biases(module: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the biases of conv / linear layers followed directly by a normalisation layer.
+
+    The norm subtracts the batch mean, so the loss does not depend on such a bias: its gradient is
+    round-off, which algorithms drop rather than let Adam turn into random steps."""
+    names: list[str] = []
+    children = list(module.named_children())
+    for (name, child), (_, after) in zip(children, children[1:] + [("", None)]):
+        if isinstance(child, (nn.Conv2d, nn.Linear)) and child.bias is not None and \
+                (isinstance(after, nn.modules.batchnorm._BatchNorm) or getattr(after, "subtracts_batch_mean", False)):
+            names.append(f"{prefix}{name}.bias")
+        names += normalised_biases(child, f"{prefix}{name}.")
+    return names
