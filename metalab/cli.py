@@ -275,6 +275,15 @@ def demo(
 def main() -> None:
     try:
         app(standalone_mode=False)
+        from metalab.engine.distributed import launched_by_torchrun, shutdown
+
+        shutdown()
+        if launched_by_torchrun():
+            # gloo's threads can abort the interpreter's teardown ("terminate called without an
+            # active exception", 1 run in ~10 here); everything is written and the group is closed
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except MetalabError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(2)

@@ -57,7 +57,12 @@ def init_distributed(device: torch.device) -> DistContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    # a fresh key space per torchrun attempt: after an elastic restart the store still holds the
+    # previous attempt's gloo addresses, and connecting to those fails ("connection refused")
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"metalab/attempt-{attempt}", store),
+                            rank=rank, world_size=world_size)
     return DistContext(dist.get_rank(), dist.get_world_size())
 
 
@@ -178,6 +183,15 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
         else:
             sync_batch_norm(child)
     return module
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (all ranks together); without it gloo may abort at exit."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def check_divisible(meta_batch: int, ctx: DistContext) -> None:

@@ -9,6 +9,7 @@ resumed from a checkpoint retraces the uninterrupted run's numbers exactly.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -252,6 +253,7 @@ class MetaTrainer:
                 self.optimizer.step()
                 step += 1
                 window_tasks += batch.tasks * self.dist.world_size
+                _maybe_inject_fault(step, self.dist)
                 if step % t.log_every == 0 or step == t.steps:
                     now = time.perf_counter()
                     last = {"step": step, **metrics, "lr": self.optimizer.param_groups[0]["lr"],
@@ -277,6 +279,15 @@ class MetaTrainer:
             f"Meta-training stopped at step {step}: the loss became {loss.item()} (non-finite); {keep} in "
             f"'{self.run.path}'. Lower train.lr (now {self.config.train.lr}) or check the data for NaN/inf values."
         )
+
+
+def _maybe_inject_fault(step: int, ctx) -> None:
+    """Fault injection for fault-tolerance tests: with ``METALAB_FAULT_AT_STEP=N`` the last rank
+    dies abruptly (no clean-up, like ``kill -9``) after step N, on torchrun's first attempt only."""
+    at = os.environ.get("METALAB_FAULT_AT_STEP")
+    if at and step == int(at) and ctx.rank == ctx.world_size - 1 \
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os._exit(17)
 
 
 def _range(value):
