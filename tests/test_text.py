@@ -213,6 +213,7 @@ def test_text_run_adapt_predict_end_to_end(tiny_encoder_dir, tmp_path):
                   "--out", str(run), "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "meta-test ['fun']" in out.stdout and "2-way 1-shot" in out.stdout and "2w2s" in out.stdout
+    assert "encoding" not in out.stdout  # --no-progress also silences the one-off encoding bar
     record = json.loads((run / "eval.json").read_text())
     full = record["full_task"][0]
     assert full["ways"] == 2 and full["draws"] == 3 and {r["class"] for r in full["per_class"]} == {"music", "timer"}

@@ -39,7 +39,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
             record["figures"] = [plot.name]
     else:
         splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                             text=text_options(d), test_domains=d.test_domains)
+                             text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains)
         source = {"test": splits.test, "val": splits.val}.get(split)
         if source is None:
             raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")

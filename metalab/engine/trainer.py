@@ -137,7 +137,7 @@ class MetaTrainer:
             self.context, example_shape = {"task": "regression", "outputs": 1}, (1,)
         else:
             self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
-                                                     text_options(d), d.test_domains)
+                                                     {**text_options(d), "progress": self.show_progress}, d.test_domains)
             self.sampler = EpisodeSampler(self.splits.train, _range(t.ways), _range(t.shots), t.queries, t.meta_batch, seed=t.seed)
             train = self.splits.train
             self.context = {"task": "classification", "num_classes": train.num_classes,
