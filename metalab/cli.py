@@ -56,7 +56,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections data/train/eval)."),
     algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
     data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
-    backbone: Optional[str] = typer.Option(None, help="conv4, mlp, linear (text: a projection of the frozen embeddings), identity."),
+    backbone: Optional[str] = typer.Option(None, help="auto (default), conv4, mlp; for embeddings: diagonal (learned per-dimension weighting), linear (projection), identity."),
     ways: Optional[int] = typer.Option(None, help="Classes per training task."),
     shots: Optional[int] = typer.Option(None, help="Support examples per class."),
     queries: Optional[int] = typer.Option(None, help="Query examples per class."),
@@ -213,7 +213,7 @@ def adapt(
     support: Path = typer.Option(..., "--support", help="Labelled examples: text .csv/.jsonl (text,label) or an image folder root/<label>/*.png."),
     out: Path = typer.Option(Path("adapter.safetensors"), "--out", help="Adapter file to write."),
     head: str = typer.Option("algorithm", help="'algorithm' (the run's own adapt) or a head on its features: prototypes, logistic, ridge."),
-    oos_threshold: Optional[float] = typer.Option(None, help="Reject as out-of-scope below this top probability (default: the run's fitted threshold, if any)."),
+    oos_threshold: Optional[float] = typer.Option(None, help="Reject as out-of-scope when the top logit is below this (default: the threshold fitted in the run's evaluation, for --head algorithm only)."),
     text_column: str = typer.Option("text"),
     label_column: str = typer.Option("label"),
 ) -> None:
@@ -222,7 +222,7 @@ def adapt(
 
     from metalab.engine.adapter import adapt_from_file, default_threshold
 
-    threshold = oos_threshold if oos_threshold is not None else default_threshold(run)
+    threshold = oos_threshold if oos_threshold is not None else default_threshold(run, head)
     start = _time.perf_counter()
     adapter = adapt_from_file(run, support, head, threshold, text_column=text_column, label_column=label_column)
     path = adapter.save(out)

@@ -253,6 +253,12 @@ def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
         texts = ["how much money is there", "send cash to my sister"]
         a, b = adapter.predict(texts), again.predict(texts)
         assert [p.scores for p in a] == [p.scores for p in b] and [p.out_of_scope for p in a] == [p.out_of_scope for p in b]
+    # the evaluation's threshold is on the run's own logits: it carries over to its own adapt only
+    from metalab.engine.adapter import default_threshold
+
+    (tmp_path / "run" / "eval.json").write_text(json.dumps({"full_task": [{"out_of_scope": {"threshold": -3.5}}]}))
+    assert default_threshold(tmp_path / "run", "algorithm") == -3.5
+    assert default_threshold(tmp_path / "run", "logistic") is None
     with pytest.raises(Exception, match="is damaged or not an adapter"):
         (tmp_path / "bad.safetensors").write_bytes(b"nope")
         Adapter.load(tmp_path / "bad.safetensors")

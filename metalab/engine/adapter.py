@@ -125,10 +125,15 @@ def run_encoder(config):
     return load_encoder(opts["encoder"], layers=opts["layers"])
 
 
-def default_threshold(run_dir: str | Path) -> float | None:
-    """The out-of-scope threshold fitted during the run's evaluation (``eval.json``), if any."""
+def default_threshold(run_dir: str | Path, head: str = "algorithm") -> float | None:
+    """The out-of-scope threshold fitted during the run's evaluation (``eval.json``), if any.
+
+    It is a threshold on the *run's own* logits, so it applies only to ``head="algorithm"``;
+    other heads score on another scale and get none unless one is given explicitly."""
     import json
 
+    if head != "algorithm":
+        return None
     path = Path(run_dir) / "eval.json"
     if not path.exists():
         return None
