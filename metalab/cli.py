@@ -259,6 +259,64 @@ def predict(
 
 
 @app.command()
+def serve(
+    run: Path = typer.Option(..., "--run", help="Trained run folder (image or text) to serve."),
+    db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite, ~/.metalab/…)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="Port (0: any free port, printed at start)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
+    rate_limit: float = typer.Option(200.0, help="Requests/s per tenant (bursts of twice that); 0 turns the limit off."),
+    max_body: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes (413 above)."),
+) -> None:
+    """Serve per-tenant few-shot adapters over HTTP (API + web page at /); keys: `metalab keys create`."""
+    from metalab.serve import default_registry_path
+    from metalab.serve.server import serve as run_server
+
+    run_server(run, db or default_registry_path(), host, port, device, rate_limit, max_body,
+               announce=lambda line: print(line, flush=True))
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service's tenants (stored hashed in the registry).")
+app.add_typer(keys_app, name="keys")
+
+
+def _registry(db: Optional[Path]):
+    from metalab.serve import Registry, default_registry_path
+
+    return Registry(db or default_registry_path())
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Argument(..., help="Tenant name (created if new)."),
+                db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite).")) -> None:
+    """Create an API key for TENANT; it is printed once and only its hash is kept."""
+    key = _registry(db).create_key(tenant)
+    err_console.print(f"API key for tenant '{tenant}' (shown once; send it as 'Authorization: Bearer <key>'):")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(db: Optional[Path] = typer.Option(None, help="Registry file.")) -> None:
+    """Tenants and their keys (first characters only)."""
+    table = Table(title="API keys")
+    for col in ("tenant", "key starts", "created", "revoked"):
+        table.add_column(col)
+    for k in _registry(db).list_keys():
+        table.add_row(k["tenant"], k["prefix"] + "…", k["created"], k["revoked"] or "-")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: str = typer.Argument(..., help="The key, or its first 12 characters as `keys list` shows."),
+                db: Optional[Path] = typer.Option(None, help="Registry file.")) -> None:
+    """Revoke a key: requests with it get 401 from then on."""
+    count = _registry(db).revoke_key(prefix)
+    if not count:
+        raise ConfigError(f"No live key starts with '{prefix[:12]}'; see `metalab keys list`.")
+    console.print(f"revoked {count} key(s) starting with {prefix[:12]}")
+
+
+@app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/demo-<time>)."),
     time_budget: float = typer.Option(420.0, help="Seconds of meta-training (the whole demo stays under 10 min on 2 CPU cores)."),

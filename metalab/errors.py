@@ -26,3 +26,11 @@ class CheckpointError(MetalabError):
 
 class TrainingDiverged(MetalabError):
     """The meta-training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class InputError(DataError):
+    """One field of a request is invalid; ``field`` names it (``examples.3.image``), the message says why and what to do."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -35,3 +36,29 @@ def omniglot():
     from metalab.data.omniglot import load_omniglot
 
     return load_omniglot(28)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT saved as a sentence-transformers folder (4.6 MB)."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models
+    from transformers import BertConfig, BertModel
+
+    from metalab.models.text_encoder import default_model_folder
+
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    hf = root / "hf"
+    hf.mkdir()
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_model_folder() / name, hf / name)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(hf)
+    transformer = models.Transformer(str(hf), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, models.Pooling(32, "mean")])
+    model.save(str(root / "st"))
+    return root / "st"

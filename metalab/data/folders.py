@@ -38,7 +38,6 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int = 1)
         entries = [("default", d.name, d) for d in class_dirs]
     images, labels, names, domains = [], [], [], []
     domain_names = sorted({d for d, _, _ in entries})
-    mode = "L" if channels == 1 else "RGB"
     for domain, cls, directory in entries:
         files = _images(directory)
         if not files:
@@ -48,16 +47,21 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int = 1)
         domains.append(domain_names.index(domain))
         for f in files:
             try:
-                img = Image.open(f).convert(mode).resize((image_size, image_size), Image.Resampling.LANCZOS)
+                images.append(image_array(Image.open(f), image_size, channels))
             except (UnidentifiedImageError, OSError) as exc:
                 raise DataError(f"Image '{f}' cannot be read ({exc.__class__.__name__}); replace or remove the file.") from None
-            arr = np.asarray(img, dtype=np.uint8)
-            images.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
             labels.append(label)
     x = torch.from_numpy(np.stack(images))
     if channels == 1 and x.float().mean() > 127:
         x = 255 - x  # dark strokes on a light page: store ink as high values
     return LabelledSource(x, torch.tensor(labels), names, torch.tensor(domains), domain_names, name=root.name)
+
+
+def image_array(img: Image.Image, image_size: int = 28, channels: int = 1) -> np.ndarray:
+    """A PIL image → ``uint8 [channels, image_size, image_size]`` (grayscale or RGB, Lanczos-resized)."""
+    img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.Resampling.LANCZOS)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 def _images(directory: Path) -> list[Path]:

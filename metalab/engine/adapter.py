@@ -38,12 +38,14 @@ class Adapter:
     """A run + support set → predictions for new inputs (texts or image tensors)."""
 
     def __init__(self, run_dir: str | Path, support_x: torch.Tensor, support_y: torch.Tensor, labels: list[str],
-                 head: str = "algorithm", threshold: float | None = None, device: str = "cpu") -> None:
+                 head: str = "algorithm", threshold: float | None = None, device: str = "cpu",
+                 loaded: tuple | None = None) -> None:
+        """``loaded``: the run's ``(config, algorithm)`` already in memory (a server holding many adapters)."""
         if head not in HEAD_CHOICES:
             raise ConfigError(f"Unknown head '{head}'; choose one of: {', '.join(HEAD_CHOICES)}.")
         self.run_dir, self.head, self.threshold, self.labels = Path(run_dir), head, threshold, list(labels)
         self.support_x, self.support_y = support_x, support_y
-        self.config, self.algorithm, _ = load_trained(run_dir, device)
+        self.config, self.algorithm = loaded if loaded is not None else load_trained(run_dir, device)[:2]
         self.algorithm.eval()
         self.device = torch.device(device)
         self.text = is_text_spec(self.config.data.source)

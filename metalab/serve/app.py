@@ -1,0 +1,286 @@
+"""The HTTP service (FastAPI): per-tenant adapters over one served run, persisted in the registry.
+
+Every ``/v1`` request carries an API key (``Authorization: Bearer mlk_…`` or ``X-API-Key``); a
+tenant only ever sees its own adapters — another tenant's id answers 404, exactly like an id that
+does not exist. Errors are JSON ``{"error": {"status", "code", "message", "field"}}`` with the
+field at fault named. Writes validate and fit the adapter *before* the registry transaction, so a
+rejected request leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from metalab.errors import InputError, MetalabError
+from metalab.serve import schemas
+from metalab.serve.model import ServedRun
+from metalab.serve.registry import Example, Registry, Tenant
+
+log = logging.getLogger("metalab.serve")
+PAGE = Path(__file__).with_name("page.html")
+ERROR_RESPONSES = {code: {"model": schemas.ErrorOut} for code in (401, 404, 409, 413, 422, 429)}
+#: OpenAPI links: the id a create returns feeds the other operations (clients and fuzzers follow them)
+CREATED_LINKS = {201: {"description": "The adapter, stored.", "links": {
+    name: {"operationId": op, "parameters": {"adapter_id": "$response.body#/id"}}
+    for name, op in (("GetAdapter", "get_adapter"), ("Predict", "predict"), ("AddExamples", "add_examples"),
+                     ("DeleteAdapter", "delete_adapter"))}}}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "code": code, "message": message, "field": field}},
+                        status_code=status, headers=headers)
+
+
+class RateLimiter:
+    """A token bucket per tenant: ``rate`` requests/s on average, bursts up to ``burst``; rate 0 = off."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate, self.burst = rate, burst or max(1.0, 2 * rate)
+        self._buckets: dict[int, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def wait_time(self, tenant_id: int) -> float:
+        """0 if the request may go now (and spend a token), else seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(tenant_id, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self._buckets[tenant_id] = (tokens, now)
+                return (1 - tokens) / self.rate
+            self._buckets[tenant_id] = (tokens - 1, now)
+            return 0.0
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with 413 before they reach the app (ASGI middleware)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_large = error_response(413, "body_too_large", f"The request body is over the {self.max_bytes}-byte limit; "
+                                                          "send fewer or smaller examples per request.")
+        if length is not None:
+            if not length.isdigit():
+                return await error_response(400, "bad_request", "The Content-Length header is not a number.")(scope, receive, send)
+            if int(length) > self.max_bytes:
+                return await too_large(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True  # chunked upload: read it here, up to the limit
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_limit: float = 200.0,
+               max_body: int = schemas.MAX_BODY_BYTES, served: ServedRun | None = None) -> FastAPI:
+    """The service over ``run_dir`` with adapters in the registry ``db``."""
+    served = served or ServedRun(run_dir, device)
+    registry = Registry(db)
+    limiter = RateLimiter(rate_limit)
+    app = FastAPI(title="metalab serve", version="1",
+                  description="Few-shot adapters per tenant over a meta-trained metalab run. "
+                              "Send a few labelled examples, get a personal classifier, predict.")
+    app.state.served, app.state.registry = served, registry
+    bearer = HTTPBearer(auto_error=False, description="An API key from `metalab keys create TENANT`.")
+
+    # ---- errors: one JSON shape, the field named --------------------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(422, "invalid_json", "The request body is not valid JSON; send a JSON object "
+                                                       "(Content-Type: application/json).", "body")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        message = f"Field '{field}': {first['msg'].rstrip('.')}." if loc else f"The request body is invalid: {first['msg'].rstrip('.')}; send a JSON object as the OpenAPI spec (/openapi.json) describes."
+        return error_response(422, "invalid_input", message, field)
+
+    @app.exception_handler(InputError)
+    async def bad_input(request: Request, exc: InputError):
+        return error_response(422, "invalid_input", str(exc), exc.field)
+
+    @app.exception_handler(MetalabError)
+    async def metalab_error(request: Request, exc: MetalabError):
+        return error_response(422, "invalid_input", str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 409: "conflict", 429: "rate_limited"}
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        return error_response(exc.status_code, codes.get(exc.status_code, "error"), message, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "Internal error; nothing was changed. The server log has the details.")
+
+    # ---- auth ----------------------------------------------------------------------------------
+
+    def tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Tenant:
+        key = credentials.credentials if credentials else request.headers.get("x-api-key")
+        if not key:
+            raise HTTPException(401, "No API key; send 'Authorization: Bearer <key>' (create one with `metalab keys create TENANT`).")
+        found = registry.tenant_for_key(key)
+        if found is None:
+            raise HTTPException(401, "The API key is unknown or revoked; create one with `metalab keys create TENANT`.")
+        wait = limiter.wait_time(found.id)
+        if wait > 0:
+            raise HTTPException(429, f"Rate limit of {limiter.rate:g} requests/s reached; retry in {wait:.2f} s.",
+                                headers={"Retry-After": str(max(1, round(wait)))})
+        return found
+
+    def owned(adapter_id: str, who: Tenant):
+        record = registry.get_adapter(who, served.key, adapter_id)
+        if record is None:  # absent and not-yours look the same: ids do not leak
+            raise HTTPException(404, f"No adapter '{adapter_id}' for this key; list yours with GET /v1/adapters.")
+        return record
+
+    # ---- routes --------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["service"], operation_id="healthz")
+    def healthz() -> dict:
+        """Liveness and what is served (no key needed)."""
+        return {"status": "ok", **served.describe(), "adapters": registry.count_adapters(served.key)}
+
+    @app.post("/v1/adapters", status_code=201, response_model=schemas.AdapterOut, responses={**ERROR_RESPONSES, **CREATED_LINKS},
+              tags=["adapters"], operation_id="create_adapter")
+    def create_adapter(body: schemas.AdapterCreate, who: Tenant = Depends(tenant)) -> dict:
+        """Adapt the run to a few labelled examples; the adapter and its examples are stored."""
+        examples = check_examples(body.examples, served.modality)
+        labels = check_labels(body.labels, examples)
+        examples = served.example_features(decode(examples, served))
+        threshold = body.threshold if body.threshold is not None else served.default_threshold(body.head)
+        adapter = served.fit(labels, body.head, threshold, examples)  # fails before anything is written
+        record = registry.create_adapter(who, served.key, body.name, served.modality, body.head, threshold, labels, examples)
+        served.remember(record, adapter)
+        return record.public()
+
+    @app.get("/v1/adapters", response_model=schemas.AdapterList, responses=ERROR_RESPONSES, tags=["adapters"], operation_id="list_adapters")
+    def list_adapters(who: Tenant = Depends(tenant)) -> dict:
+        return {"adapters": [r.public() for r in registry.list_adapters(who, served.key)]}
+
+    @app.get("/v1/adapters/{adapter_id}", response_model=schemas.AdapterOut, responses=ERROR_RESPONSES, tags=["adapters"], operation_id="get_adapter")
+    def get_adapter(adapter_id: str, who: Tenant = Depends(tenant)) -> dict:
+        return owned(adapter_id, who).public()
+
+    @app.delete("/v1/adapters/{adapter_id}", status_code=204, responses=ERROR_RESPONSES, tags=["adapters"], operation_id="delete_adapter")
+    def delete_adapter(adapter_id: str, who: Tenant = Depends(tenant)) -> Response:
+        if not registry.delete_adapter(who, served.key, adapter_id):
+            owned(adapter_id, who)  # raises the 404
+        served.forget(adapter_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/adapters/{adapter_id}/examples", response_model=schemas.AdapterOut, responses=ERROR_RESPONSES, tags=["adapters"], operation_id="add_examples")
+    def add_examples(adapter_id: str, body: schemas.ExamplesAdd, who: Tenant = Depends(tenant)) -> dict:
+        """Add labelled examples (new labels allowed) and re-adapt."""
+        record = owned(adapter_id, who)
+        if record.examples + len(body.examples) > schemas.MAX_EXAMPLES_PER_ADAPTER:
+            raise InputError("examples", f"Adapter '{adapter_id}' has {record.examples} examples; adding {len(body.examples)} "
+                                         f"would pass the limit of {schemas.MAX_EXAMPLES_PER_ADAPTER}; create a new adapter instead.")
+        new = served.example_features(decode(check_examples(body.examples, served.modality), served))
+        labels = record.labels + [l for l in dict.fromkeys(e.label for e in new) if l not in record.labels]
+        adapter = served.fit(labels, record.head, record.threshold, registry.examples(record.id, record.version) + new)
+        updated = registry.add_examples(who, served.key, adapter_id, labels, new, record.version)
+        if updated is None:
+            raise HTTPException(409, f"Adapter '{adapter_id}' changed or was deleted while adding; send the request again.")
+        served.remember(updated, adapter)
+        return updated.public()
+
+    @app.post("/v1/adapters/{adapter_id}/predict", response_model=schemas.PredictOut, responses=ERROR_RESPONSES, tags=["predict"], operation_id="predict")
+    def predict(adapter_id: str, body: schemas.PredictIn, who: Tenant = Depends(tenant)) -> dict:
+        """Labels, scores and (text) the out-of-scope flag for a batch of inputs."""
+        record = owned(adapter_id, who)
+        wanted, other = ("texts", "images") if served.modality == "text" else ("images", "texts")
+        if getattr(body, other) is not None or getattr(body, wanted) is None:
+            raise InputError(wanted, f"This adapter's run takes {served.modality} inputs; send them as '{wanted}' (and no '{other}').")
+        if served.modality == "text":
+            blank = next((i for i, t in enumerate(body.texts) if not t.strip()), None)
+            if blank is not None:
+                raise InputError(f"texts.{blank}", f"Field 'texts.{blank}' is blank; send non-empty texts.")
+            x = served.features(texts=body.texts)
+        else:
+            x = served.features(images=served.decode_images(body.images))
+        adapter = served.adapter(record, registry.examples)
+        out = []
+        for p in adapter.predict_inputs(x):
+            ranked = sorted(p.scores.items(), key=lambda kv: -kv[1])[: body.top_k]
+            out.append({"label": p.label, "scores": dict(ranked), "out_of_scope": p.out_of_scope})
+        return {"adapter": record.id, "version": record.version, "predictions": out}
+
+    return BodyLimit(app, max_body) if max_body else app
+
+
+def check_examples(examples: list[schemas.ExampleIn], modality: str) -> list[schemas.ExampleIn]:
+    """Each example has exactly the input its run takes, non-blank."""
+    wanted, other = ("text", "image") if modality == "text" else ("image", "text")
+    for i, e in enumerate(examples):
+        if getattr(e, other) is not None or getattr(e, wanted) is None:
+            raise InputError(f"examples.{i}.{wanted}", f"Field 'examples.{i}.{wanted}' is required (this run takes {modality}; "
+                                                     f"leave '{other}' out).")
+        if modality == "text" and not e.text.strip():
+            raise InputError(f"examples.{i}.text", f"Field 'examples.{i}.text' is blank; send a non-empty text.")
+        if not e.label.strip():
+            raise InputError(f"examples.{i}.label", f"Field 'examples.{i}.label' is blank; give every example a label.")
+    return examples
+
+
+def check_labels(declared: list[str] | None, examples: list[schemas.ExampleIn]) -> list[str]:
+    """The adapter's labels: the declared ones (each with ≥ 1 example), else the examples' labels in order."""
+    used = list(dict.fromkeys(e.label for e in examples))
+    if declared is None:
+        if len(used) < 2:
+            raise InputError("examples", f"The examples carry {len(used)} label; an adapter needs at least 2 labels.")
+        return used
+    if len(set(declared)) != len(declared):
+        dup = next(l for l in declared if declared.count(l) > 1)
+        raise InputError("labels", f"Label '{dup}' appears twice in 'labels'; list each label once.")
+    for i, e in enumerate(examples):
+        if e.label not in declared:
+            raise InputError(f"examples.{i}.label", f"Field 'examples.{i}.label' is '{e.label}', which is not in 'labels'; add it there or fix the example.")
+    for j, label in enumerate(declared):
+        if label not in used:
+            raise InputError(f"labels.{j}", f"Label '{label}' has no examples; add at least one example for it or remove it from 'labels'.")
+    return list(declared)
+
+
+def decode(examples: list[schemas.ExampleIn], served: ServedRun) -> list[Example]:
+    if served.modality == "text":
+        return [Example(e.label, text=e.text) for e in examples]
+    images = served.decode_images([e.image for e in examples], "examples.{}.image")
+    return [Example(e.label, image=b) for e, b in zip(examples, images)]

@@ -1,0 +1,138 @@
+"""The served run: one meta-trained model in memory, turning examples into adapters and inputs into
+the run's features.
+
+Features are what the run sees: sentence embeddings (text runs, from the run's own encoder) or
+``uint8 [C, H, W]`` images (image runs, decoded and resized as the training images were). They are
+stored with each example in the registry, so an adapter is re-fitted after a restart from exactly
+the same tensors and predicts identically. Fitted adapters are kept in a small LRU keyed by
+``(id, version)``; a changed adapter (new examples) gets a new version and is re-fitted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from metalab.data.folders import image_array
+from metalab.data.text import is_text_spec
+from metalab.engine.adapter import Adapter, default_threshold, run_encoder
+from metalab.engine.trainer import load_trained
+from metalab.errors import InputError
+from metalab.serve.registry import AdapterRecord, Example
+
+MAX_IMAGE_PIXELS = 4096 * 4096  #: larger uploads are refused before decoding (decompression bombs)
+
+
+class ServedRun:
+    """A run folder loaded once for serving."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", cache_size: int = 256) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.config, self.algorithm, info = load_trained(self.run_dir, device)
+        self.algorithm.eval()
+        self.device = device
+        self.example_shape = tuple(info["example_shape"])
+        self.modality = "text" if is_text_spec(self.config.data.source) else "image"
+        self.key = str(self.run_dir)  #: adapters belong to one run: the registry scopes them by this
+        self._encoder = run_encoder(self.config) if self.modality == "text" else None
+        self._encode_lock = threading.Lock()
+        self._fitted: OrderedDict[tuple[str, int], Adapter] = OrderedDict()
+        self._fitted_lock = threading.Lock()
+        self._cache_size = cache_size
+
+    def describe(self) -> dict:
+        return {"run": self.run_dir.name, "modality": self.modality, "algorithm": self.config.train.algo,
+                "input_shape": list(self.example_shape)}
+
+    def default_threshold(self, head: str) -> float | None:
+        return default_threshold(self.run_dir, head) if self.modality == "text" else None
+
+    # ---- inputs → features ---------------------------------------------------------------------
+
+    def features(self, texts: Sequence[str] | None = None, images: Sequence[bytes] | None = None) -> torch.Tensor:
+        """Texts → ``float32 [B, D]`` embeddings, or image bytes → ``uint8 [B, C, H, W]``."""
+        if self.modality == "text":
+            with self._encode_lock:  # one encoder, many request threads
+                return self._encoder.encode(list(texts))
+        arrays = [self._image(data, f"images.{i}") for i, data in enumerate(images)]
+        return torch.from_numpy(np.stack(arrays))
+
+    def _image(self, data: bytes, field: str) -> np.ndarray:
+        channels, size = self.example_shape[0], self.example_shape[-1]
+        try:
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InputError(field, f"Field '{field}' is a {img.width}x{img.height} image, over the "
+                                        f"{MAX_IMAGE_PIXELS}-pixel limit; send a smaller image.")
+            if img.format not in ("PNG", "JPEG"):
+                raise InputError(field, f"Field '{field}' is a {img.format} image; send PNG or JPEG.")
+            arr = image_array(img, size, channels)
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+            raise InputError(field, f"Field '{field}' is not a readable PNG or JPEG image; send base64 of the file's bytes.") from None
+        if channels == 1 and arr.mean() > 127:
+            arr = 255 - arr  # dark strokes on a light page: ink as high values, as in training
+        return arr
+
+    @staticmethod
+    def decode_images(encoded: Sequence[str], field: str = "images.{}") -> list[bytes]:
+        """base64 strings (or ``data:`` URLs) → bytes; ``field`` names the i-th one in errors."""
+        out = []
+        for i, text in enumerate(encoded):
+            if text.startswith("data:") and "," in text[:100]:
+                text = text.split(",", 1)[1]  # a data: URL from a browser
+            try:
+                out.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                name = field.format(i)
+                raise InputError(name, f"Field '{name}' is not valid base64; send the image file's bytes base64-encoded.") from None
+        return out
+
+    def example_features(self, examples: list[Example]) -> list[Example]:
+        """The examples with their ``features`` filled in (validates images)."""
+        if self.modality == "text":
+            feats = self.features(texts=[e.text for e in examples]).float()
+        else:
+            feats = torch.from_numpy(np.stack([self._image(e.image, f"examples.{i}.image") for i, e in enumerate(examples)]))
+        return [Example(e.label, e.text, e.image, f.numpy().tobytes()) for e, f in zip(examples, feats)]
+
+    # ---- adapters ------------------------------------------------------------------------------
+
+    def fit(self, labels: list[str], head: str, threshold: float | None, examples: list[Example]) -> Adapter:
+        dtype = np.float32 if self.modality == "text" else np.uint8
+        shape = self.example_shape
+        x = torch.from_numpy(np.stack([np.frombuffer(e.features, dtype=dtype).reshape(shape) for e in examples]))
+        index = {label: i for i, label in enumerate(labels)}
+        y = torch.tensor([index[e.label] for e in examples])
+        return Adapter(self.run_dir, x, y, labels, head, threshold, self.device, loaded=(self.config, self.algorithm))
+
+    def remember(self, record: AdapterRecord, adapter: Adapter) -> None:
+        with self._fitted_lock:
+            self._fitted[(record.id, record.version)] = adapter
+            self._fitted.move_to_end((record.id, record.version))
+            while len(self._fitted) > self._cache_size:
+                self._fitted.popitem(last=False)
+
+    def adapter(self, record: AdapterRecord, load_examples) -> Adapter:
+        """The fitted adapter for ``record`` (from the LRU, else re-fitted from its stored examples)."""
+        key = (record.id, record.version)
+        with self._fitted_lock:
+            if key in self._fitted:
+                self._fitted.move_to_end(key)
+                return self._fitted[key]
+        adapter = self.fit(record.labels, record.head, record.threshold, load_examples(record.id, record.version))
+        self.remember(record, adapter)
+        return adapter
+
+    def forget(self, adapter_id: str) -> None:
+        with self._fitted_lock:
+            for key in [k for k in self._fitted if k[0] == adapter_id]:
+                del self._fitted[key]
