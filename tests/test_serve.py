@@ -402,3 +402,35 @@ def test_schemathesis_finds_no_server_error(service):
                           "--max-examples", "10", "--seed", "1", "--max-time", "45", "--workers", "1",
                           "--request-timeout", "30"], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_combining_batcher_gives_each_caller_its_rows():
+    from metalab.serve.model import CombiningBatcher
+
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        time.sleep(0.01)  # long enough for other callers to queue up
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        return torch.tensor([[float(t)] for t in texts])
+
+    batcher = CombiningBatcher(encode)
+    results, errors = {}, []
+
+    def call(i):
+        try:
+            results[i] = batcher([str(i), str(i + 1000)])
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert all(results[i].flatten().tolist() == [i, i + 1000] for i in range(16))
+    assert sum(calls) == 32 and len(calls) < 16  # some calls were combined
+    with pytest.raises(RuntimeError, match="boom"):
+        batcher(["boom"])
