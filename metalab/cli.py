@@ -57,6 +57,7 @@ def train(
     algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
     data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
     backbone: Optional[str] = typer.Option(None, help="auto (default), conv4, mlp; for embeddings: diagonal (learned per-dimension weighting), linear (projection), identity."),
+    task: Optional[str] = typer.Option(None, help="Meta-RL task family: nav2d or bandit (with --algo maml-rl, fomaml-rl, reptile-rl or pretrained-rl)."),
     ways: Optional[int] = typer.Option(None, help="Classes per training task."),
     shots: Optional[int] = typer.Option(None, help="Support examples per class."),
     queries: Optional[int] = typer.Option(None, help="Query examples per class."),
@@ -96,7 +97,7 @@ def train(
         raw = RunConfig.load(config).to_dict() if config else {}  # validates the file, with clear errors
         flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
                  "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
-                 "train.time_budget": time_budget, "train.device": device, "train.seed": seed}
+                 "train.time_budget": time_budget, "train.device": device, "train.seed": seed, "rl.task": task}
         overrides = {k: v for k, v in flags.items() if v is not None}
         for item in set_:
             if "=" not in item:
@@ -108,6 +109,9 @@ def train(
         raw.setdefault("name", raw.get("train", {}).get("algo", "protonet"))
         cfg = RunConfig.from_dict(raw, origin=str(config) if config else "command line")
         run_dir = out or default_run_dir(cfg.name)
+    if cfg.rl.task is not None:
+        _train_rl(cfg, run_dir, resume is not None, progress, evaluate_after)
+        return
     trainer = MetaTrainer(cfg, run_dir, resume=resume is not None, show_progress=progress, log=console.print)
     if trainer.splits is not None:
         console.print(f"[bold]split:[/] {trainer.splits.description}")
@@ -120,10 +124,32 @@ def train(
             console.print(_full_task_table(record["full_task"]))
 
 
+def _train_rl(cfg, run_dir: Path, resume: bool, progress: bool, evaluate_after: bool) -> None:
+    from metalab.rl.trainer import RLTrainer, evaluate_rl_run
+
+    result = RLTrainer(cfg, run_dir, resume=resume, show_progress=progress, log=console.print).train()
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
+    if evaluate_after:
+        console.print(_returns_table(evaluate_rl_run(result.run_dir)))
+
+
+def _returns_table(record: dict) -> Table:
+    curves = record["rl"]
+    steps = [r["adaptation_steps"] for r in next(iter(curves.values()))]
+    table = Table(title=f"{record['task']}: mean return ± 95 % CI over {next(iter(curves.values()))[0]['tasks']} test tasks")
+    table.add_column("policy")
+    for s in steps:
+        table.add_column("before adaptation" if s == 0 else f"after {s} step{'s' if s > 1 else ''}", justify="right")
+    for name, rows in curves.items():
+        table.add_row(name, *[f"{r['return']:.2f} ± {r['ci95']:.2f}" for r in rows])
+    table.caption = record["protocol"] + f"; plot: {record['figures'][0]}"
+    return table
+
+
 def _assign(raw: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
-    if parts[0] not in ("data", "train", "eval", "name"):
-        raise ConfigError(f"'{dotted}' does not start with a config section; use data., train. or eval.")
+    if parts[0] not in ("data", "train", "eval", "rl", "name"):
+        raise ConfigError(f"'{dotted}' does not start with a config section; use data., train., eval. or rl.")
     node = raw
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -141,8 +167,15 @@ def eval_(
     split: str = typer.Option("test", help="test or val."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Evaluate a run: mean accuracy ± 95 % CI over test episodes; writes eval.json."""
+    """Evaluate a run: mean accuracy ± 95 % CI over test episodes (meta-RL: return vs adaptation steps); writes eval.json."""
     from metalab.engine.eval_run import evaluate_run
+    from metalab.engine.run import RunFolder
+
+    if RunFolder.open(run).config().rl.task is not None:
+        from metalab.rl.trainer import evaluate_rl_run
+
+        console.print(_returns_table(evaluate_rl_run(run)))
+        return
 
     record = evaluate_run(run, _parse_settings(setting), episodes, device, show_progress=progress, split=split)
     console.print(f"split: {record['split_description']}")
@@ -161,6 +194,12 @@ def algorithms() -> None:
         table.add_column(col)
     for name, spec in ALGORITHMS.items():
         table.add_row(name, ", ".join(spec.tasks), ", ".join(spec.options) or "-", spec.summary)
+    rl = {"maml-rl": "MAML with a policy-gradient inner loop (second order through the inner step)",
+          "fomaml-rl": "first-order MAML on policies",
+          "reptile-rl": "Reptile on policies (rl.inner_steps PG steps, then move towards them)",
+          "pretrained-rl": "baseline: one policy trained on all tasks at once (no meta-learning)"}
+    for name, what in rl.items():
+        table.add_row(name, "meta-RL (--task nav2d | bandit)", "rl.* (inner_lr, inner_steps, episodes, …)", what)
     console.print(table)
 
 
@@ -256,6 +295,62 @@ def predict(
         table.add_row(text, p.label, ", ".join(f"{k} {v:.3f}" for k, v in best),
                       "-" if p.out_of_scope is None else ("yes" if p.out_of_scope else "no"))
     console.print(table)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run folder."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default RUN/report)."),
+    episodes: int = typer.Option(300, help="Test episodes per point (accuracy vs shots, per-class analysis)."),
+    k: int = typer.Option(5, help="Nearest classes per class in the knowledge graph."),
+) -> None:
+    """Write an HTML report (curves, accuracy vs shots, domains, weakest classes, knowledge graph, config)."""
+    from metalab.report.html import build_report
+
+    path = build_report(run, out, episodes, k)
+    console.print(f"report: {path}")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Two or more run folders."),
+    out: Path = typer.Option(Path("compare"), help="Report folder."),
+) -> None:
+    """Put several runs side by side: results table and overlaid learning curves (HTML)."""
+    from metalab.report.html import build_comparison
+
+    if len(runs) < 2:
+        raise ConfigError("Give at least two run folders to compare.")
+    console.print(f"comparison: {build_comparison(runs, out)}")
+
+
+@app.command()
+def graph(
+    run: Path = typer.Argument(..., help="Trained classification run folder."),
+    split: str = typer.Option("test", help="Classes of this split: test, val or train."),
+    k: int = typer.Option(5, help="Nearest classes per class."),
+    out: Optional[Path] = typer.Option(None, help="Folder for graph.json / graph.graphml / graph.png (default RUN/graph)."),
+) -> None:
+    """Knowledge graph of classes and domains: nearest classes by prototype similarity, exported and scored."""
+    from metalab.data.catalog import load_splits, text_options
+    from metalab.engine.trainer import load_trained
+    from metalab.report.graph import build_graph, class_prototypes, draw_graph, export_graph, nearest_classes, score_neighbours
+
+    config, algorithm, _ = load_trained(run)
+    d = config.data
+    splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
+                         text=text_options(d), test_domains=d.test_domains)
+    source = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
+    if source is None:
+        raise ConfigError(f"--split '{split}' is unknown; use test, val or train.")
+    protos = class_prototypes(algorithm, source)
+    score = score_neighbours(nearest_classes(protos, k)[0], source.class_domains)
+    folder = out or Path(run) / "graph"
+    g = build_graph(source, protos, k)
+    paths = [*export_graph(g, folder), draw_graph(g, folder / "graph.png")]
+    console.print(f"{source.num_classes} classes, {source.num_domains} domains: {100 * score.same_domain_rate:.1f} % of "
+                  f"nearest-class edges stay within a domain vs {100 * score.chance_rate:.1f} % by chance "
+                  f"({score.lift:.1f}×); wrote {', '.join(str(p) for p in paths)}")
 
 
 @app.command()

@@ -395,12 +395,12 @@ def test_image_run_adapters(tmp_path, omniglot):
 
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------------
 
-def test_schemathesis_finds_no_server_error(service):
+def test_schemathesis_finds_no_server_error(service, tmp_path):
     server, keys, _ = service
     out = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
                           "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {keys['alice']}",
                           "--max-examples", "10", "--seed", "1", "--max-time", "45", "--workers", "1",
-                          "--request-timeout", "30"], capture_output=True, text=True, timeout=240)
+                          "--request-timeout", "30"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 

@@ -37,6 +37,8 @@ class EpisodeSampler:
         seed: base seed; meta-batch ``i`` is a pure function of ``(seed, i)``.
         same_domain: draw every task's classes from a single domain.
         to_float: turn ``uint8`` images into ``float32`` in ``[0, 1]``.
+        planner: a :class:`~metalab.data.planner.TaskPlanner` shaping which classes are drawn
+            (default: uniform).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class EpisodeSampler:
         seed: int = 0,
         same_domain: bool = False,
         to_float: bool = True,
+        planner=None,
     ) -> None:
         self.source = source
         self.ways_range = _as_range(ways, "ways")
@@ -58,7 +61,7 @@ class EpisodeSampler:
         if tasks < 1:
             raise ConfigError(f"tasks={tasks} is invalid; a meta-batch needs at least one task.")
         self.queries, self.tasks, self.seed = queries, tasks, seed
-        self.same_domain, self.to_float = same_domain, to_float
+        self.same_domain, self.to_float, self.planner = same_domain, to_float, planner
 
         counts = source.class_counts()
         need = self.shots_range[1] + queries
@@ -111,12 +114,15 @@ class EpisodeSampler:
 
     def sample_classes(self, ways: int, g: torch.Generator) -> torch.Tensor:
         """``int64 [tasks, ways]`` distinct classes per task."""
-        keys = torch.rand(self.tasks, self.source.num_classes, generator=g)
+        if self.planner is None or self.planner.strategy == "uniform":
+            keys = torch.rand(self.tasks, self.source.num_classes, generator=g)
+        else:
+            keys = self.planner.class_keys(self.tasks, g)
         if self.same_domain:
             pick = self._eligible_domains[
                 torch.randint(len(self._eligible_domains), (self.tasks,), generator=g)
             ]
-            keys = keys + (~self._dom_onehot[:, pick].T).float() * 2.0  # other domains sort last
+            keys = keys + (~self._dom_onehot[:, pick].T).float() * 1e9  # other domains sort last
         return keys.argsort(dim=1)[:, :ways]
 
     def sample_examples(self, classes: torch.Tensor, per_class: int, g: torch.Generator) -> torch.Tensor:

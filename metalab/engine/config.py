@@ -51,6 +51,10 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  #: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    planner: str = "uniform"  #: task planner: uniform, domain-balanced, curriculum (easy → hard), hard (hard-task mining)
+    planner_every: int = 10  #: feed the planner the learner's errors every this many steps
+    planner_refresh: int = 250  #: hard mining: recompute each class's nearest classes every this many steps
+    planner_neighbours: int = 10  #: hard mining: nearest classes kept per class
 
 
 @dataclass
@@ -66,11 +70,31 @@ class EvalConfig:
 
 
 @dataclass
+class RLConfig:
+    """Meta-reinforcement learning (``task`` set): the task family and the policy-gradient inner loop."""
+    task: str | None = None  #: 'nav2d' (2D navigation to a per-task goal) or 'bandit' (multi-armed bandits); None: not an RL run
+    horizon: int | None = None  #: steps per episode (default: 100 for nav2d, 10 pulls for bandit)
+    episodes: int = 20  #: episodes per task per adaptation step (the inner loop's batch)
+    inner_lr: float | None = None  #: policy-gradient step size of adaptation (training and test); None: 0.1 nav2d, 10 bandit
+    inner_steps: int = 1  #: adaptation steps in meta-training (Reptile: steps before the outer move)
+    gamma: float = 0.99
+    arms: int = 5  #: bandit: arms (arm 0 safe, one good arm per task)
+    hidden: list | None = None  #: policy MLP widths; None: [100, 100] for nav2d, [] (a linear policy) for bandit
+    test_tasks: int = 200  #: evaluation tasks (fresh, seeded by eval.seed)
+    eval_steps: int = 3  #: evaluate returns after 0..eval_steps adaptation steps
+    grad_clip: float = 1.0  #: outer gradient norm clip
+
+
+RL_ALGOS = ("maml-rl", "fomaml-rl", "reptile-rl", "pretrained-rl")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,10 +106,10 @@ class RunConfig:
     def from_dict(cls, raw: dict, origin: str = "config") -> "RunConfig":
         if not isinstance(raw, dict):
             raise ConfigError(f"{origin} must be a mapping with sections data/train/eval; got {type(raw).__name__}.")
-        sections = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+        sections = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "rl": RLConfig}
         unknown = sorted(set(raw) - set(sections) - {"name"})
         if unknown:
-            raise ConfigError(f"{origin}: unknown section(s) {unknown}; allowed: name, data, train, eval.")
+            raise ConfigError(f"{origin}: unknown section(s) {unknown}; allowed: name, data, train, eval, rl.")
         built = {name: _build(klass, raw.get(name) or {}, f"{origin}: {name}") for name, klass in sections.items()}
         cfg = cls(name=str(raw.get("name", "run")), **built)
         cfg.validate()
@@ -109,22 +133,52 @@ class RunConfig:
             "train.val_every": t.val_every, "train.checkpoint_every": t.checkpoint_every,
             "train.log_every": t.log_every, "train.keep_checkpoints": t.keep_checkpoints,
             "eval.episodes": e.episodes, "eval.queries": e.queries, "eval.tasks_per_batch": e.tasks_per_batch,
-            "data.image_size": self.data.image_size, "train.hidden": t.hidden,
+            "data.image_size": self.data.image_size, "train.hidden": t.hidden, "train.planner_every": t.planner_every,
+            "train.planner_refresh": t.planner_refresh, "train.planner_neighbours": t.planner_neighbours,
         }
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer.")
         if not t.lr > 0:
             raise ConfigError(f"train.lr={t.lr!r} is invalid; it must be a positive number.")
+        from metalab.data.planner import PLANNERS
+
+        if t.planner not in PLANNERS:
+            raise ConfigError(f"train.planner='{t.planner}' is unknown; use one of: {', '.join(PLANNERS)}.")
         if t.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule='{t.schedule}' is unknown; use 'cosine' or 'constant'.")
         if t.budget_clock not in ("wall", "cpu"):
             raise ConfigError(f"train.budget_clock='{t.budget_clock}' is unknown; use 'wall' or 'cpu'.")
         if t.time_budget is not None and not t.time_budget > 0:
             raise ConfigError(f"train.time_budget={t.time_budget!r} is invalid; give seconds > 0 or leave it empty.")
+        self._validate_rl()
         for pair in e.settings:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair)):
                 raise ConfigError(f"eval.settings entry {pair!r} is invalid; give [ways, shots] pairs of positive integers.")
+
+
+    def _validate_rl(self) -> None:
+        r, algo = self.rl, self.train.algo
+        if r.task is None:
+            if algo in RL_ALGOS:
+                raise ConfigError(f"train.algo='{algo}' is a meta-RL learner; give a task family (--task nav2d or bandit).")
+            return
+        if r.task not in ("nav2d", "bandit"):
+            raise ConfigError(f"rl.task='{r.task}' is unknown; use 'nav2d' (2D navigation) or 'bandit' (multi-armed bandits).")
+        if algo not in RL_ALGOS:
+            raise ConfigError(f"train.algo='{algo}' does not learn policies; with rl.task use one of: {', '.join(RL_ALGOS)}.")
+        for key in ("episodes", "inner_steps", "test_tasks", "arms"):
+            value = getattr(r, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"rl.{key}={value!r} is invalid; it must be a positive integer.")
+        if r.horizon is not None and (not isinstance(r.horizon, int) or r.horizon < 1):
+            raise ConfigError(f"rl.horizon={r.horizon!r} is invalid; give a positive number of steps or leave it empty.")
+        if not isinstance(r.eval_steps, int) or r.eval_steps < 0:
+            raise ConfigError(f"rl.eval_steps={r.eval_steps!r} is invalid; give 0 or more adaptation steps.")
+        if not ((r.inner_lr is None or r.inner_lr > 0) and 0 < r.gamma <= 1 and r.grad_clip > 0):
+            raise ConfigError("rl.inner_lr and rl.grad_clip must be > 0 and rl.gamma in (0, 1].")
+        if r.hidden is not None and not all(isinstance(h, int) and h > 0 for h in r.hidden):
+            raise ConfigError(f"rl.hidden={r.hidden!r} is invalid; give a list of positive layer widths (or [] for linear).")
 
 
 def _build(klass, raw: dict, origin: str):

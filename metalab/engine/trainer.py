@@ -24,6 +24,7 @@ from metalab.data.augment import random_affine
 from metalab.data.text import is_text_spec
 from metalab.data.catalog import is_task_family, load_splits, load_task_family, text_options
 from metalab.data.episodes import Episodes
+from metalab.data.planner import TaskPlanner
 from metalab.data.sampler import EpisodeSampler
 from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
@@ -38,6 +39,7 @@ from metalab.models import build_backbone
 
 
 RNG_PREFIX = "rng."
+PLANNER_PREFIX = "planner/"
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -56,9 +58,21 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def split_rng_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    model = {k: v for k, v in state.items() if not k.startswith(RNG_PREFIX)}
+    """``(model weights, RNG states)`` of a checkpoint's tensors (the task planner's are neither)."""
+    model = {k: v for k, v in state.items() if not k.startswith((RNG_PREFIX, PLANNER_PREFIX))}
     rng = {k[len(RNG_PREFIX):]: v for k, v in state.items() if k.startswith(RNG_PREFIX)}
     return model, rng
+
+
+def resume_point(run: RunFolder, log: Callable[[str], None], writer: bool = True):
+    """The run's last good checkpoint ``(step, path, contents)``; ``None`` (metrics cleared by the
+    ``writer``, training restarts from step 0) if it has none."""
+    found = latest_good_checkpoint(run.path, warn=log)
+    if found is None:
+        log(f"No usable checkpoint in '{run.path}'; starting from step 0.")
+        if writer:
+            run.truncate_metrics(-1)
+    return found
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,6 +145,7 @@ class MetaTrainer:
         check_divisible(t.meta_batch, self.dist)
         self.config, self.show_progress = config, show_progress and self.dist.is_main
         self.log = log if self.dist.is_main else (lambda *_: None)
+        self.planner = None
         if is_task_family(d.source):
             self.splits = None
             self.sampler = load_task_family(d.source, shots=_max(t.shots), queries=t.queries, tasks=t.meta_batch, seed=t.seed)
@@ -138,8 +153,13 @@ class MetaTrainer:
         else:
             self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
                                                      {**text_options(d), "progress": self.show_progress}, d.test_domains)
-            self.sampler = EpisodeSampler(self.splits.train, _range(t.ways), _range(t.shots), t.queries, t.meta_batch, seed=t.seed)
             train = self.splits.train
+            self.planner = TaskPlanner(t.planner, train.num_classes, train.class_domains)
+            if t.planner != "uniform" and self.dist.active:
+                raise ConfigError(f"train.planner='{t.planner}' runs in a single process for now (its statistics are not "
+                                  "synchronised across ranks); use train.planner=uniform under torchrun.")
+            self.sampler = EpisodeSampler(train, _range(t.ways), _range(t.shots), t.queries, t.meta_batch, seed=t.seed,
+                                          planner=self.planner)
             self.context = {"task": "classification", "num_classes": train.num_classes,
                             "class_domains": train.class_domains.tolist()}
             example_shape = tuple(train.x.shape[1:])
@@ -163,13 +183,12 @@ class MetaTrainer:
             self._restore()
 
     def _restore(self) -> None:
-        found = latest_good_checkpoint(self.run.path, warn=self.log)
+        found = resume_point(self.run, self.log, self.dist.is_main)
         if found is None:
-            self.log(f"No usable checkpoint in '{self.run.path}'; starting from step 0.")
-            if self.dist.is_main:
-                self.run.truncate_metrics(-1)
             return
         step, path, (model_state, optim_state, info) = found
+        if self.planner is not None:
+            self.planner.load_state_dict(model_state)
         model_state, rng = split_rng_state(model_state)
         self.algorithm.load_state_dict(model_state)
         set_rng_state(rng)
@@ -187,7 +206,8 @@ class MetaTrainer:
             return path
         info = {"step": step, "elapsed": elapsed, "algo": self.config.train.algo,
                 "example_shape": self.example_shape, "context": self.context}
-        state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()}}
+        state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()},
+                 **(self.planner.state_dict() if self.planner is not None and self.planner.strategy != "uniform" else {})}
         save_checkpoint(path, state, self.optimizer.state_dict(), info)
         self.run.prune_checkpoints(self.config.train.keep_checkpoints)
         return path
@@ -239,6 +259,10 @@ class MetaTrainer:
                     progress = max(progress, spent / t.time_budget)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.config, progress)
+                if self.planner is not None:
+                    self.planner.progress = progress
+                    if self.planner.strategy == "hard" and step % t.planner_refresh == 0:
+                        self._refresh_neighbours()
                 batch = self._prepare(step)
                 if self.dist.active:  # this rank's contiguous share of the global meta-batch
                     batch = batch.split_tasks(self.dist.world_size, self.dist.rank)
@@ -252,6 +276,8 @@ class MetaTrainer:
                     self._diverged(step, loss)  # before the optimiser step: the weights stay good
                 self.optimizer.step()
                 step += 1
+                if self.planner is not None and self.planner.strategy != "uniform" and step % t.planner_every == 0:
+                    self._observe(batch)
                 window_tasks += batch.tasks * self.dist.world_size
                 _maybe_inject_fault(step, self.dist)
                 if step % t.log_every == 0 or step == t.steps:
@@ -271,6 +297,21 @@ class MetaTrainer:
         if step % t.checkpoint_every != 0 or step == 0:
             self.save(step, elapsed())
         return TrainResult(self.run.path, step, elapsed(), stopped_by, last)
+
+    def _observe(self, batch: Episodes) -> None:
+        """Feed the planner this meta-batch's query predictions (after the step: how the learner does now)."""
+        logits = self.algorithm.task_logits(self.algorithm.params(), batch).detach()
+        self.planner.observe(batch.classes.cpu(), batch.query_y.cpu(), logits.argmax(-1).cpu())
+
+    @torch.no_grad()
+    def _refresh_neighbours(self) -> None:
+        """Hard-task mining: each training class's nearest classes under the current backbone."""
+        from metalab.report.graph import class_prototypes, nearest_classes
+
+        was_training = self.algorithm.training
+        protos = class_prototypes(self.algorithm, self.splits.train, per_class=2, seed=self.config.train.seed)
+        self.algorithm.train(was_training)
+        self.planner.set_neighbours(nearest_classes(protos, self.config.train.planner_neighbours)[0])
 
     def _diverged(self, step: int, loss: torch.Tensor) -> None:
         found = [p.name for p in sorted(self.run.path.glob("checkpoint-*.safetensors"))]

@@ -1,0 +1,188 @@
+"""Task planners, the knowledge graph and the HTML report (parsed, figures present, rendered in a
+headless browser)."""
+
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import cluster_config, train_on
+from metalab.data.folders import from_arrays
+from metalab.data.planner import TaskPlanner
+from metalab.data.sampler import EpisodeSampler
+from metalab.engine import MetaTrainer, RunConfig
+from metalab.errors import ConfigError
+from metalab.report.graph import build_graph, export_graph, nearest_classes, score_neighbours
+
+
+def domain_source(per_domain=(30, 3), per_class=6, dim=8, seed=0):
+    """Classes grouped in domains: a class = its domain's centre + a small offset."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys, doms = [], [], []
+    c = 0
+    for d, n in enumerate(per_domain):
+        centre = torch.randn(dim, generator=g) * 5
+        for _ in range(n):
+            mean = centre + torch.randn(dim, generator=g)
+            xs.append(mean + 0.1 * torch.randn(per_class, dim, generator=g))
+            ys += [c] * per_class
+            doms.append(d)
+            c += 1
+    return from_arrays(torch.cat(xs), ys, [f"c{i}" for i in range(c)], doms, [f"d{i}" for i in range(len(per_domain))])
+
+
+def picked_share(planner, source, domain=1, batches=40):
+    sampler = EpisodeSampler(source, 5, 1, 1, tasks=20, seed=0, planner=planner)
+    classes = torch.cat([sampler.sample(i).classes.flatten() for i in range(batches)])
+    return float((source.class_domains[classes] == domain).float().mean())
+
+
+def test_domain_balanced_planner_equalises_domains():
+    source = domain_source()
+    uniform = picked_share(TaskPlanner("uniform", source.num_classes, source.class_domains), source)
+    balanced = picked_share(TaskPlanner("domain-balanced", source.num_classes, source.class_domains), source)
+    assert uniform < 0.15 and balanced > 0.3  # 3 of 33 classes: ~9 % uniformly; capped by 3-of-5 per task when balanced
+
+
+def test_hard_mining_builds_tasks_around_confused_classes():
+    source = domain_source((10, 10, 10))
+    planner = TaskPlanner("hard", source.num_classes, source.class_domains)
+    planner.observe(torch.tensor([[7, 1, 2]]), torch.tensor([[0, 0, 1, 2]]), torch.tensor([[1, 2, 1, 2]]))  # class 7 wrong twice
+    every = torch.arange(3).repeat(10, 1)
+    planner.observe(torch.arange(30).view(10, 3), every, every)  # every class seen once, all right
+    neighbours = torch.stack([torch.roll(torch.arange(30), -i)[1:4] for i in range(30)])  # class c's neighbours: c+1..c+3
+    planner.set_neighbours(neighbours)
+    sampler = EpisodeSampler(source, 4, 1, 1, tasks=200, seed=0, planner=planner)
+    batch = sampler.sample(0)
+    anchored = batch.classes[:, 0] == 7  # the anchor sorts first
+    # anchor weights: error + 0.05 → class 7: 0.95 of 2.4 in all (≈ 40 % of anchors); uniformly 4/30 ≈ 13 %
+    assert anchored.float().mean() > 0.3
+    neighbours_in = torch.isin(batch.classes[anchored], torch.tensor([8, 9, 10])).sum(1).float().mean()
+    assert neighbours_in > 1.0  # ~half of 3 neighbours join the anchor, vs 3·3/29 ≈ 0.3 at random
+    again = EpisodeSampler(source, 4, 1, 1, tasks=200, seed=0, planner=planner).sample(0)
+    assert torch.equal(batch.classes, again.classes)  # deterministic given the planner's state
+
+
+def test_curriculum_goes_from_easy_to_hard():
+    source = domain_source((10, 10))
+    planner = TaskPlanner("curriculum", source.num_classes, source.class_domains)
+    errors = torch.tensor([0.0] * 10 + [0.8] * 10)  # domain 1's classes are hard
+    planner.error = errors.clone()
+    planner.progress = 0.0
+    early = picked_share(planner, source)
+    planner.progress = 1.0
+    late = picked_share(planner, source)
+    assert early < 0.35 < 0.65 < late
+
+
+def test_unknown_planner_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.planner='smart' is unknown"):
+        RunConfig.from_dict({"train": {"planner": "smart"}})
+
+
+def test_hard_planner_training_resumes_exactly(clusters, tmp_path):
+    cfg = cluster_config("protonet", steps=40, planner="hard", planner_every=5, planner_refresh=20, checkpoint_every=20,
+                         schedule="constant")
+    full = train_on(clusters, cfg, tmp_path / "full")
+    full.train()
+    assert full.planner.neighbours.shape[1] == 10 and not full.planner.error.isnan().all()
+    short = cluster_config("protonet", steps=20, planner="hard", planner_every=5, planner_refresh=20, checkpoint_every=20,
+                           schedule="constant")
+    part = train_on(clusters, short, tmp_path / "part")
+    part.train()
+    from helpers import cluster_splits
+
+    resumed = MetaTrainer(cfg, tmp_path / "part", splits=cluster_splits(clusters), resume=True, show_progress=False,
+                          log=lambda m: None)
+    assert torch.equal(resumed.planner.error, part.planner.error)
+    resumed.train()
+    for k, v in full.algorithm.state_dict().items():
+        assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
+
+
+def test_knowledge_graph_groups_domains_and_exports(tmp_path):
+    import networkx as nx
+
+    source = domain_source((8, 8, 8))
+    protos = torch.nn.functional.normalize(torch.stack([source.x[source.y == c].mean(0) for c in range(24)]), dim=1)
+    score = score_neighbours(nearest_classes(protos, 3)[0], source.class_domains)
+    assert score.same_domain_rate > 0.9 and abs(score.chance_rate - 7 / 23) < 1e-6
+    graph = build_graph(source, protos, 3)
+    json_path, graphml_path = export_graph(graph, tmp_path)
+    again = nx.read_graphml(graphml_path)
+    kinds = nx.get_node_attributes(again, "kind")
+    assert sum(k == "class" for k in kinds.values()) == 24 and sum(k == "domain" for k in kinds.values()) == 3
+    assert {d["kind"] for _, _, d in again.edges(data=True)} == {"member", "similar"}
+    assert len(json.loads(json_path.read_text())["nodes"]) == 27
+
+
+class Parsed(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.tags = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags += 1
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+
+
+@pytest.fixture(scope="module")
+def omniglot_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report-runs")
+    runs = []
+    for algo in ("protonet", "matchingnet"):
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "steps": 4, "val_every": 2, "log_every": 1, "device": "cpu"}})
+        MetaTrainer(cfg, root / algo, show_progress=False, log=lambda m: None).train()
+        runs.append(root / algo)
+    return runs
+
+
+def test_report_html_parses_and_every_figure_exists(omniglot_runs, tmp_path):
+    from metalab.report.html import build_comparison, build_report
+
+    path = build_report(omniglot_runs[0], tmp_path / "report", episodes=20)
+    parsed = Parsed()
+    parsed.feed(path.read_text(encoding="utf-8"))
+    assert parsed.tags > 50 and len(parsed.images) >= 5
+    for src in parsed.images + parsed.links:
+        assert (path.parent / src).exists(), src
+    text = path.read_text(encoding="utf-8")
+    for section in ("Learning curves", "Accuracy vs shots", "Per domain", "Weakest classes", "Knowledge graph", "Configuration"):
+        assert f"<h2>{section}</h2>" in text
+    assert "http://" not in text and "https://" not in text  # opens offline
+    assert "20-shot left out" in text  # Omniglot classes have 20 drawings: no room for 20 shots + queries
+    compared = build_comparison(omniglot_runs, tmp_path / "compare")
+    assert "protonet" in compared.read_text() and "matchingnet" in compared.read_text()
+    assert (compared.parent / "figures" / "learning_curves.png").exists()
+
+
+def test_report_renders_in_a_headless_browser(omniglot_runs, tmp_path):
+    from test_serve_browser import CHROMIUM, launch, non_blank
+
+    if CHROMIUM is None and not os.environ.get("METALAB_REQUIRE_BROWSER"):
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    out = subprocess.run([sys.executable, "-m", "metalab", "report", str(omniglot_runs[1]), "--out", str(tmp_path / "r"),
+                          "--episodes", "20"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto((tmp_path / "r" / "index.html").as_uri())
+        assert page.locator("img.fig").count() >= 4
+        assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        shot = page.screenshot(full_page=True)
+        browser.close()
+    (tmp_path / "report.png").write_bytes(shot)
+    std, colours = non_blank(shot)
+    assert std > 20 and colours > 50, (std, colours)
