@@ -171,13 +171,14 @@ def eval_(
     from metalab.engine.eval_run import evaluate_run
     from metalab.engine.run import RunFolder
 
+    settings = _parse_settings(setting)  # arguments first, then the files they name
     if RunFolder.open(run).config().rl.task is not None:
         from metalab.rl.trainer import evaluate_rl_run
 
         console.print(_returns_table(evaluate_rl_run(run)))
         return
 
-    record = evaluate_run(run, _parse_settings(setting), episodes, device, show_progress=progress, split=split)
+    record = evaluate_run(run, settings, episodes, device, show_progress=progress, split=split)
     console.print(f"split: {record['split_description']}")
     console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
     if record.get("full_task"):

@@ -20,6 +20,7 @@ from metalab.rl.policy import Policy
 from metalab.rl.trainer import RLTrainer, load_policy
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the checker's notes on unbounded / constant Box spaces, by design
 def test_environments_follow_the_gymnasium_api():
     check_env(Nav2DEnv(), skip_render_check=True)
     check_env(BanditEnv(), skip_render_check=True)
