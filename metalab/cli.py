@@ -57,7 +57,8 @@ def train(
     algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
     data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
     backbone: Optional[str] = typer.Option(None, help="auto (default), conv4, mlp; for embeddings: diagonal (learned per-dimension weighting), linear (projection), identity."),
-    task: Optional[str] = typer.Option(None, help="Meta-RL task family: nav2d or bandit (with --algo maml-rl, fomaml-rl, reptile-rl or pretrained-rl)."),
+    task: Optional[str] = typer.Option(None, help="Meta-RL task family: nav2d or bandit (with --algo maml-rl, fomaml-rl, reptile-rl or pretrained-rl; e.g. --meta-batch 20)."),
+    planner: Optional[str] = typer.Option(None, help="Task planner: uniform (default), domain-balanced, curriculum, hard (hard-task mining)."),
     ways: Optional[int] = typer.Option(None, help="Classes per training task."),
     shots: Optional[int] = typer.Option(None, help="Support examples per class."),
     queries: Optional[int] = typer.Option(None, help="Query examples per class."),
@@ -97,7 +98,8 @@ def train(
         raw = RunConfig.load(config).to_dict() if config else {}  # validates the file, with clear errors
         flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
                  "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
-                 "train.time_budget": time_budget, "train.device": device, "train.seed": seed, "rl.task": task}
+                 "train.time_budget": time_budget, "train.device": device, "train.seed": seed, "rl.task": task,
+                 "train.planner": planner}
         overrides = {k: v for k, v in flags.items() if v is not None}
         for item in set_:
             if "=" not in item:

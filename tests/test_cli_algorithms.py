@@ -53,3 +53,20 @@ def test_algorithms_command_lists_every_algorithm():
     assert result.exit_code == 0
     for name in ALGORITHMS:
         assert name in result.output
+
+
+@pytest.mark.parametrize("planner", ["hard", "curriculum", "domain-balanced"])
+def test_planners_from_the_cli(planner, clusters_npz, tmp_path):
+    run = tmp_path / planner
+    result = runner.invoke(app, ["train", "--algo", "protonet", "--data", str(clusters_npz), "--planner", planner,
+                                 "--steps", "12", "--queries", "5", "--set", "train.backbone=mlp", "--set", "train.hidden=8",
+                                 "--set", "train.planner_every=2", "--set", "train.planner_refresh=5", "--no-eval",
+                                 "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    from metalab.engine.checkpoint import latest_good_checkpoint
+
+    _, _, (state, _, _) = latest_good_checkpoint(run)
+    assert not state["planner/error"].isnan().all()  # the learner's errors reached the planner and the checkpoint
+    assert (state["planner/neighbours"].shape[1] > 0) == (planner == "hard")
+    bad = runner.invoke(app, ["train", "--data", str(clusters_npz), "--planner", "smart", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and not (tmp_path / "x").exists()
