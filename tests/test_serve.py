@@ -381,6 +381,14 @@ def test_image_run_adapters(tmp_path, omniglot):
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "examples.5.image"
         bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:5] + [{"label": "c9", "image": "%%%"}]})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "examples.5.image"
+        gif = io.BytesIO()
+        Image.fromarray(pages[0]).save(gif, format="GIF")
+        bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:5] + [
+            {"label": "c9", "image": base64.b64encode(gif.getvalue()).decode()}]})
+        assert bad.status_code == 422 and "is a GIF image; send PNG or JPEG" in bad.json()["error"]["message"]
+        truncated = base64.b64encode(base64.b64decode(png(pages[0]))[:60]).decode()  # a valid header, no pixels
+        bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:5] + [{"label": "c9", "image": truncated}]})
+        assert bad.status_code == 422 and "not a readable PNG or JPEG" in bad.json()["error"]["message"]
         bad = c.post(f"/v1/adapters/{ad.json()['id']}/predict", json={"texts": ["a"]})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "images"
     assert rows(db, "adapters") == 1

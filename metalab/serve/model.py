@@ -109,16 +109,20 @@ class ServedRun:
 
     def _image(self, data: bytes, field: str) -> np.ndarray:
         channels, size = self.example_shape[0], self.example_shape[-1]
+        unreadable = InputError(field, f"Field '{field}' is not a readable PNG or JPEG image; send base64 of the file's bytes.")
         try:
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise InputError(field, f"Field '{field}' is a {img.width}x{img.height} image, over the "
-                                        f"{MAX_IMAGE_PIXELS}-pixel limit; send a smaller image.")
-            if img.format not in ("PNG", "JPEG"):
-                raise InputError(field, f"Field '{field}' is a {img.format} image; send PNG or JPEG.")
-            arr = image_array(img, size, channels)
+            img = Image.open(io.BytesIO(data))  # reads the header only
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
-            raise InputError(field, f"Field '{field}' is not a readable PNG or JPEG image; send base64 of the file's bytes.") from None
+            raise unreadable from None
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise InputError(field, f"Field '{field}' is a {img.width}x{img.height} image, over the "
+                                    f"{MAX_IMAGE_PIXELS}-pixel limit; send a smaller image.")
+        if img.format not in ("PNG", "JPEG"):
+            raise InputError(field, f"Field '{field}' is a {img.format} image; send PNG or JPEG.")
+        try:
+            arr = image_array(img, size, channels)  # decodes: a truncated file fails here
+        except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+            raise unreadable from None
         if channels == 1 and arr.mean() > 127:
             arr = 255 - arr  # dark strokes on a light page: ink as high values, as in training
         return arr
