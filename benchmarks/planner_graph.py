@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from metalab.data.catalog import load_splits, text_options
+from metalab.data.catalog import load_splits
 from metalab.engine import MetaTrainer, RunConfig
 from metalab.data.sampler import EpisodeSampler
+from metalab.engine.eval_run import run_splits
 from metalab.engine.evaluate import evaluate_sampler, mean_ci95
 from metalab.engine.trainer import load_trained
 from metalab.report.graph import class_prototypes, nearest_classes, score_neighbours
@@ -43,9 +44,7 @@ def train_planner(planner: str, budget: float, splits, folder: Path):
 
 def graph_rates(run: Path, split: str, k: int = 5) -> tuple[int, int, float, float]:
     config, algorithm, _ = load_trained(run)
-    d = config.data
-    splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                         text={**text_options(d), "progress": False}, test_domains=d.test_domains)
+    splits = run_splits(config)
     source = {"test": splits.test, "train": splits.train}[split]
     score = score_neighbours(nearest_classes(class_prototypes(algorithm, source), k)[0], source.class_domains)
     return source.num_classes, source.num_domains, score.same_domain_rate, score.chance_rate

@@ -335,14 +335,12 @@ def graph(
     out: Optional[Path] = typer.Option(None, help="Folder for graph.json / graph.graphml / graph.png (default RUN/graph)."),
 ) -> None:
     """Knowledge graph of classes and domains: nearest classes by prototype similarity, exported and scored."""
-    from metalab.data.catalog import load_splits, text_options
+    from metalab.engine.eval_run import run_splits
     from metalab.engine.trainer import load_trained
     from metalab.report.graph import build_graph, class_prototypes, draw_graph, export_graph, nearest_classes, score_neighbours
 
     config, algorithm, _ = load_trained(run)
-    d = config.data
-    splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                         text=text_options(d), test_domains=d.test_domains)
+    splits = run_splits(config, show_progress=True)
     source = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
     if source is None:
         raise ConfigError(f"--split '{split}' is unknown; use test, val or train.")

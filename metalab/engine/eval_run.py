@@ -14,6 +14,13 @@ from metalab.engine.trainer import load_trained
 from metalab.errors import DataError
 
 
+def run_splits(config, show_progress: bool = False):
+    """The class splits a run was trained and is evaluated on (from its config; no rotation classes)."""
+    d = config.data
+    return load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
+                       text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains)
+
+
 def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: int | None = None,
                  device: str = "cpu", show_progress: bool = True, split: str = "test") -> dict:
     """Score the run's latest good checkpoint on ``split`` for each ``[ways, shots]`` setting
@@ -38,8 +45,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
                                             steps=tuple(e.adapt_steps or [algorithm.test_inner_steps]))
             record["figures"] = [plot.name]
     else:
-        splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                             text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains)
+        splits = run_splits(config, show_progress)
         source = {"test": splits.test, "val": splits.val}.get(split)
         if source is None:
             raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")

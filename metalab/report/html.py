@@ -221,15 +221,13 @@ def _evaluation_figures(report: Report, run_path: Path, record: dict | None, fig
 
 def _classification_sections(report: Report, run_path: Path, config, record: dict | None, figures: Path,
                              episodes: int, graph_k: int, out: Path, show_progress: bool) -> None:
-    from metalab.data.catalog import load_splits, text_options
+    from metalab.engine.eval_run import run_splits
     from metalab.engine.evaluate import evaluate
     from metalab.engine.trainer import load_trained
     from metalab.report.graph import build_graph, class_prototypes, draw_graph, export_graph, nearest_classes, score_neighbours
 
     _, algorithm, info = load_trained(run_path)
-    d = config.data
-    splits = load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                         text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains)
+    splits = run_splits(config, show_progress)
     test = splits.test
     cards = [f"<div class='card'><b>{info['step']}</b>meta-training steps</div>",
              f"<div class='card'><b>{test.num_classes}</b>meta-test classes ({test.num_domains} domains)</div>"]
