@@ -156,6 +156,9 @@ def test_cli_trains_and_evaluates_a_meta_rl_run(tmp_path):
     again = subprocess.run([sys.executable, "-m", "metalab", "eval", str(tmp_path / "run")], capture_output=True, text=True,
                            env=env, timeout=240)
     assert again.returncode == 0 and json.loads((tmp_path / "run" / "eval.json").read_text())["rl"] == record["rl"]
+    for command in (["graph", str(tmp_path / "run")], ["serve", "--run", str(tmp_path / "run"), "--port", "0"]):
+        wrong = subprocess.run([sys.executable, "-m", "metalab", *command], capture_output=True, text=True, env=env, timeout=120)
+        assert wrong.returncode == 2 and "is a meta-RL run" in wrong.stderr, wrong.stderr
     bad = subprocess.run([sys.executable, "-m", "metalab", "train", "--task", "maze", "--algo", "maml-rl", "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "rl.task='maze' is unknown" in bad.stderr and not (tmp_path / "bad").exists()

@@ -343,6 +343,9 @@ def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Pat
     """``(config, algorithm with trained weights, checkpoint info)`` of a run folder."""
     run = RunFolder.open(run_dir)
     config = run.config()
+    if config.rl.task is not None:
+        raise ConfigError(f"'{run.path}' is a meta-RL run (rl.task={config.rl.task}): it holds a policy, not a "
+                          "classifier; use `metalab eval` or `metalab report` on it.")
     if checkpoint is not None:
         model_state, _, info = load_checkpoint(Path(checkpoint))
     else:
