@@ -138,7 +138,9 @@ class EpisodeSampler:
         support_idx = idx[..., :shots].reshape(tasks, ways * shots)
         query_idx = idx[..., shots:].reshape(tasks, ways * self.queries)
         x = self._x
-        sx, qx = x[support_idx], x[query_idx]
+        # index_select over flat indices: one memcpy per row (advanced indexing is ~6x slower here)
+        sx = x.index_select(0, support_idx.flatten()).view(tasks, ways * shots, *x.shape[1:])
+        qx = x.index_select(0, query_idx.flatten()).view(tasks, ways * self.queries, *x.shape[1:])
         if self.to_float and x.dtype == torch.uint8:
             sx, qx = sx.float().div_(255.0), qx.float().div_(255.0)
         labels = torch.arange(ways)
