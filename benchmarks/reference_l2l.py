@@ -101,12 +101,14 @@ def meta_step(maml: ReferenceMAML, optimizer: torch.optim.Optimizer, batch, inne
 
 
 def protonet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
-    """The reference ProtoNet loop (learn2learn's example): one task at a time."""
+    """The reference ProtoNet loop (learn2learn's ``protonet_miniimagenet.py``): one task at a
+    time, one forward over the task's support and query images together."""
     optimizer.zero_grad()
     total = 0.0
+    s = batch.support_x.shape[1]
     for t in range(batch.tasks):
-        support = model(batch.support_x[t])
-        query = model(batch.query_x[t])
+        embeddings = model(torch.cat([batch.support_x[t], batch.query_x[t]]))
+        support, query = embeddings[:s], embeddings[s:]
         protos = support.view(batch.ways, batch.shots, -1).mean(1)
         logits = -torch.cdist(query, protos).pow(2)
         loss = F.cross_entropy(logits, batch.query_y[t])
@@ -117,12 +119,15 @@ def protonet_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch) -> 
 
 
 def anil_step(features: nn.Module, head: ReferenceMAML, optimizer: torch.optim.Optimizer, batch, inner_steps: int = 1) -> float:
-    """The reference ANIL loop (learn2learn's example): per task, features then a cloned head."""
+    """The reference ANIL loop (learn2learn's ``anil_fc100.py``): per task, one forward of the
+    features over support and query images together, then a cloned head adapted on the support."""
     optimizer.zero_grad()
     total = 0.0
+    s = batch.support_x.shape[1]
     for t in range(batch.tasks):
         learner = head.clone()
-        sz, qz = features(batch.support_x[t]), features(batch.query_x[t])
+        z = features(torch.cat([batch.support_x[t], batch.query_x[t]]))
+        sz, qz = z[:s], z[s:]
         for _ in range(inner_steps):
             learner.adapt(F.cross_entropy(learner(sz), batch.support_y[t]))
         loss = F.cross_entropy(learner(qz), batch.query_y[t])
