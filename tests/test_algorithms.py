@@ -157,6 +157,56 @@ def test_per_task_backward_gives_the_meta_loss_gradients(omniglot, first_order):
             assert torch.allclose(p.grad, expected[k], atol=1e-12), k
 
 
+@pytest.mark.parametrize("algo", ["protonet", "anil"])
+def test_feature_head_training_normalises_each_task_by_its_own_statistics(omniglot, algo):
+    """In training the backbone runs task by task: each task's features are those of the task
+    encoded alone, and the running statistics take one momentum step toward the tasks' mean."""
+    import copy
+
+    torch.manual_seed(0)
+    algorithm = build_algorithm(algo, build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch"))
+    alone = copy.deepcopy(algorithm.backbone)
+    batch = _conv_batch(omniglot, tasks=4)
+    support_z, query_z = algorithm.encode_episodes(algorithm.params(), batch)
+    for t in range(batch.tasks):
+        task_x = torch.cat([batch.support_x[t], batch.query_x[t]])
+        assert torch.allclose(torch.cat([support_z[t], query_z[t]]), copy.deepcopy(alone)(task_x), atol=1e-5)
+    conv, bn = alone.blocks[0][0], algorithm.backbone.blocks[0][1]
+    with torch.no_grad():
+        first = [conv(torch.cat([batch.support_x[t], batch.query_x[t]])) for t in range(batch.tasks)]
+    means = torch.stack([f.mean((0, 2, 3)) for f in first]).mean(0)
+    variances = torch.stack([f.var((0, 2, 3)) for f in first]).mean(0)  # unbiased, as BatchNorm keeps
+    assert torch.allclose(bn.running_mean, 0.1 * means, atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * variances, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("algo", ["protonet", "anil", "matchingnet", "r2d2"])
+def test_feature_head_per_task_backward_equals_the_meta_loss_gradient(omniglot, algo):
+    """meta_backward back-propagates task by task; its loss, gradients and running statistics
+    must be those of meta_loss(...).backward() over the whole meta-batch."""
+    import copy
+
+    torch.manual_seed(0)
+    per_task = build_algorithm(algo, build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch")).double()
+    whole = copy.deepcopy(per_task)
+    batch = _conv_batch(omniglot, tasks=4)
+    batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
+    loss_a, metrics_a = per_task.meta_backward(per_task.params(), batch)
+    loss_b, metrics_b = whole.meta_loss(whole.params(), batch)
+    loss_b.backward()
+    whole.drop_invariant_grads()
+    assert torch.allclose(loss_a, loss_b.detach(), atol=1e-10) and metrics_a["acc"] == metrics_b["acc"]
+    grads_b = dict(whole.named_parameters())
+    for name, p in per_task.named_parameters():
+        if p.grad is None:
+            assert grads_b[name].grad is None, name
+        else:
+            assert torch.allclose(p.grad, grads_b[name].grad, atol=1e-10), name
+    for (name, a), (_, b) in zip(per_task.named_buffers(), whole.named_buffers()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-10), name
+
+
 def test_fused_and_plain_batch_statistics_norm_agree():
     from metalab.models.backbones import BatchStatNorm, plain_norm_ops
 

@@ -78,7 +78,7 @@ def assert_same_metrics(ma, mb, rel=1e-5):
                 assert y[key] == pytest.approx(x[key], rel=rel, abs=1e-6), (x["step"], key)
 
 
-@pytest.mark.parametrize("algo", ["protonet", "maml"])
+@pytest.mark.parametrize("algo", ["protonet", "maml", "baseline"])  # baseline: SyncBatchStatNorm
 def test_two_processes_train_what_one_does(data, tmp_path, algo):
     run(train_args(data, algo, tmp_path / "one"))
     out = run(train_args(data, algo, tmp_path / "two"), procs=2)

@@ -1,7 +1,8 @@
 """ANIL: Almost No Inner Loop (Raghu, Raghu, Bengio & Vinyals, ICLR 2020, arXiv:1909.09157).
 
-MAML with the inner loop on the classifier head only. The backbone runs once over the whole
-meta-batch; every task's head then takes its inner steps at once as batched matrix products
+MAML with the inner loop on the classifier head only. The backbone embeds each task's images (in
+training task by task, see :class:`~metalab.algorithms.base.FeatureHeadAlgorithm`); every task's
+head then takes its inner steps at once as batched matrix products
 (``W [tasks, ways, D]``), so there is no per-task Python loop. The head starts from one learned
 row copied to every class (as in :mod:`metalab.algorithms.maml`). Second order by default
 (through the head steps into the backbone); ``first_order=True`` detaches the inner gradients.

@@ -13,6 +13,7 @@ data-parallel training and serving can all work functionally.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -114,19 +115,79 @@ class Algorithm(nn.Module):
 
 class FeatureHeadAlgorithm(Algorithm):
     """Methods that embed every example with one shared backbone and solve each task with a
-    head on those features (ProtoNet, Matching Nets, R2D2, ANIL): the backbone runs once over
-    every image of the meta-batch, heads are batched over tasks.
+    head on those features (ProtoNet, Matching Nets, R2D2, ANIL); heads are batched over tasks.
+
+    In training the backbone runs task by task, each task's support and query images together,
+    so batch normalisation uses each task's own statistics (learn2learn's convention) and the
+    running statistics take one step per meta-batch (:meth:`per_task_statistics`); training
+    back-propagates task by task (:meth:`meta_backward`). Per task keeps the activations in cache:
+    on 2 CPU cores one pass over a 32-task meta-batch measured 1.7x slower, with 5x the memory.
+    Outside training (running statistics) it is one pass.
 
     Subclasses implement ``classify_features(support_z, support_y, query_z, ways, params)``.
     """
 
     frozen_features = True
+    #: batch statistics are per task: under ``torchrun`` they need no synchronisation
+    per_task_norm = True
 
     def encode_episodes(self, params, batch: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Support and query features ``[T, N*K, D]``, ``[T, N*Q, D]`` from one backbone pass."""
+        """Support and query features ``[T, N*K, D]``, ``[T, N*Q, D]``."""
         t, s, q = batch.tasks, batch.support_x.shape[1], batch.query_x.shape[1]
-        z = self.encode(params, torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)]))
-        return z[: t * s].view(t, s, -1), z[t * s :].view(t, q, -1)
+        if not self.training:
+            z = self.encode(params, torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)]))
+            return z[: t * s].view(t, s, -1), z[t * s :].view(t, q, -1)
+        with self.per_task_statistics() as encode_task:
+            z = torch.stack([encode_task(params, torch.cat([batch.support_x[i], batch.query_x[i]])) for i in range(t)])
+        return z[:, :s], z[:, s:]
+
+    @contextmanager
+    def per_task_statistics(self):
+        """Yields ``encode_task(params, x [B, ...]) -> [B, D]``, one backbone call per task.
+
+        Each call updates its own copy of the running statistics; on exit the module keeps their
+        mean, which is exactly one momentum step toward the mean of the tasks' statistics (the
+        update is linear in them). Under ``torch.distributed`` the mean is over every rank's tasks."""
+        buffers = dict(self.backbone.named_buffers())
+        copies: list[dict[str, torch.Tensor]] = []
+
+        def encode_task(params, x: torch.Tensor) -> torch.Tensor:
+            fresh = {k: v.clone() for k, v in buffers.items()}
+            copies.append(fresh)
+            return functional_call(self.backbone, {**sub_params(params, "backbone."), **fresh}, (x,))
+
+        yield encode_task
+        if not copies:
+            return
+        with torch.no_grad():
+            for k, v in buffers.items():
+                if not v.is_floating_point():  # num_batches_tracked: one step, like every copy
+                    v.copy_(copies[-1][k])
+                    continue
+                mean = torch.stack([c[k] for c in copies]).to(torch.float64).mean(0)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(mean)
+                    mean /= torch.distributed.get_world_size()
+                v.copy_(mean.to(v.dtype))
+
+    def meta_backward(self, params, batch: Episodes):
+        """Training: per task, encode its images, score its queries and back-propagate its share
+        of the loss at once, so memory holds one task's graph (as learn2learn's loop does). The
+        loss and gradients equal those of ``meta_loss`` (tested)."""
+        if not self.training:
+            return super().meta_backward(params, batch)
+        s, losses, accs = batch.support_x.shape[1], [], []
+        with self.per_task_statistics() as encode_task:
+            for i in range(batch.tasks):
+                z = encode_task(params, torch.cat([batch.support_x[i], batch.query_x[i]]))[None]
+                logits = self.classify_features(z[:, :s], batch.support_y[i : i + 1], z[:, s:], batch.ways, params)
+                loss = F.cross_entropy(logits[0], batch.query_y[i])
+                (loss / batch.tasks).backward()
+                losses.append(loss.detach())
+                accs.append(accuracy(logits.detach(), batch.query_y[i : i + 1]))
+        self.drop_invariant_grads()
+        loss = torch.stack(losses).mean()
+        return loss, {"loss": loss.item(), "acc": torch.cat(accs).mean().item()}
 
     def meta_loss(self, params, batch: Episodes):
         support_z, query_z = self.encode_episodes(params, batch)

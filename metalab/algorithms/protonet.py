@@ -1,8 +1,10 @@
 """Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017, arXiv:1703.05175).
 
 A class is the mean of its support embeddings (its *prototype*); a query is scored by negative
-squared Euclidean distance to each prototype. The backbone runs once over every image of the
-meta-batch; prototypes for all tasks are one batched matrix product.
+squared Euclidean distance to each prototype. In training the backbone runs task by task
+(each task normalised by its own batch statistics, see
+:class:`~metalab.algorithms.base.FeatureHeadAlgorithm`); prototypes for all tasks are one batched
+matrix product.
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@ Semantics (documented in the README):
   seeded, and the union is exactly what one process would train on.
 * Each rank back-propagates the mean loss of its tasks; gradients are summed across ranks and
   divided by the world size, which equals the one-process gradient of the global mean.
-* Batch normalisation over a shared backbone pass (ProtoNet & co.) uses statistics synchronised
-  across ranks (:class:`SyncBatchStatNorm`), so two processes compute what one does.
+* ProtoNet & co. normalise each task by its own batch statistics, so there is nothing to share;
+  their running statistics take one step per meta-batch toward the mean over every rank's tasks
+  (all-reduced). Methods that normalise one shared pre-training batch (Baseline, multi-task) use
+  statistics synchronised across ranks (:class:`SyncBatchStatNorm`). Either way two processes
+  compute what one does.
 * Rank 0 alone writes the run folder (config, metrics, checkpoints, eval.json) and prints.
 * Decisions that must agree (stop on time budget, learning-rate schedule, a non-finite loss)
   are taken from rank 0's clock or from all-reduced values.
