@@ -165,8 +165,9 @@ class MetaTrainer:
             example_shape = tuple(train.x.shape[1:])
         self.example_shape = list(example_shape)
         self.algorithm = build_model(config, example_shape, self.device, self.context)
-        if self.dist.active and not getattr(self.algorithm, "per_task_norm", False):
-            sync_batch_norm(self.algorithm)
+        if self.dist.active:
+            if not getattr(self.algorithm, "per_task_norm", False):  # per-task statistics need no sync
+                sync_batch_norm(self.algorithm)
             broadcast_parameters(self.algorithm, self.dist)
         if resume:
             self.run = RunFolder.open(run_dir)
