@@ -67,6 +67,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Outer (meta) learning rate."),
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is kept)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16: bfloat16 mixed-precision training steps (faster on CPUs with AVX-512-BF16/AMX and recent GPUs)."),
     seed: Optional[int] = typer.Option(None, help="Seed of initialisation and episode sampling."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: --set train.algo_options.inner_lr=0.1"),
     out: Optional[Path] = typer.Option(None, help="Run folder to create (default runs/<name>-<time>)."),
@@ -98,7 +99,7 @@ def train(
         raw = RunConfig.load(config).to_dict() if config else {}  # validates the file, with clear errors
         flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
                  "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
-                 "train.time_budget": time_budget, "train.device": device, "train.seed": seed, "rl.task": task,
+                 "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
                  "train.planner": planner}
         overrides = {k: v for k, v in flags.items() if v is not None}
         for item in set_:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from metalab.engine.precision import check_precision
 from metalab.errors import ConfigError
 
 
@@ -51,6 +52,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  #: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    precision: str = "fp32"  #: 'fp32', or 'bf16': bfloat16 mixed precision for the training step (weights, optimiser, eval stay fp32)
     planner: str = "uniform"  #: task planner: uniform, domain-balanced, curriculum (easy → hard), hard (hard-task mining)
     planner_every: int = 10  #: feed the planner the learner's errors every this many steps
     planner_refresh: int = 250  #: hard mining: recompute each class's nearest classes every this many steps
@@ -149,6 +151,7 @@ class RunConfig:
             raise ConfigError(f"train.schedule='{t.schedule}' is unknown; use 'cosine' or 'constant'.")
         if t.budget_clock not in ("wall", "cpu"):
             raise ConfigError(f"train.budget_clock='{t.budget_clock}' is unknown; use 'wall' or 'cpu'.")
+        check_precision(t.precision)
         if t.time_budget is not None and not t.time_budget > 0:
             raise ConfigError(f"train.time_budget={t.time_budget!r} is invalid; give seconds > 0 or leave it empty.")
         self._validate_rl()
@@ -167,6 +170,9 @@ class RunConfig:
             raise ConfigError(f"rl.task='{r.task}' is unknown; use 'nav2d' (2D navigation) or 'bandit' (multi-armed bandits).")
         if algo not in RL_ALGOS:
             raise ConfigError(f"train.algo='{algo}' does not learn policies; with rl.task use one of: {', '.join(RL_ALGOS)}.")
+        if self.train.precision != "fp32":
+            raise ConfigError(f"train.precision='{self.train.precision}' applies to few-shot meta-training; "
+                              "meta-RL runs in fp32, so drop --precision.")
         for key in ("episodes", "inner_steps", "test_tasks", "arms"):
             value = getattr(r, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -1,9 +1,10 @@
 """The meta-training loop, shared by every algorithm.
 
 Each step: draw meta-batch ``step`` (a pure function of the seed and the step), optionally
-jitter it, take ``algorithm.meta_loss``, check it is finite, step the optimiser. Validation,
-logging to ``metrics.jsonl`` and atomic checkpoints happen on fixed step intervals, so a run
-resumed from a checkpoint retraces the uninterrupted run's numbers exactly.
+jitter it, take ``algorithm.meta_loss`` (under ``train.precision``), check it is finite, step
+the optimiser. Validation, logging to ``metrics.jsonl`` and atomic checkpoints happen on fixed
+step intervals, so a run resumed from a checkpoint retraces the uninterrupted run's numbers
+exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import evaluate, evaluate_regression
+from metalab.engine.precision import precision_note, training_precision
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
 from metalab.engine.distributed import (all_mean, average_gradients, barrier, broadcast_parameters, check_divisible,
@@ -179,6 +181,8 @@ class MetaTrainer:
             raise ConfigError(f"'{t.algo}' with backbone '{t.backbone}' has nothing to train; pick a trainable backbone "
                               "(e.g. 'linear' or 'diagonal' for embeddings) — 'identity' is for evaluation only.")
         self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=t.lr)
+        if (note := precision_note(t.precision, self.device)) is not None:
+            self.log(note)
         self.start_step, self.elapsed_before = 0, 0.0
         if resume:
             self._restore()
@@ -268,7 +272,8 @@ class MetaTrainer:
                 if self.dist.active:  # this rank's contiguous share of the global meta-batch
                     batch = batch.split_tasks(self.dist.world_size, self.dist.rank)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, metrics = self.algorithm.meta_backward(self.algorithm.params(), batch)
+                with training_precision(t.precision, self.device):
+                    loss, metrics = self.algorithm.meta_backward(self.algorithm.params(), batch)
                 if self.dist.active:
                     metrics = all_mean({**metrics, "loss": float(loss)}, self.dist)
                     loss = torch.tensor(metrics["loss"])

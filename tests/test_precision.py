@@ -1,0 +1,61 @@
+"""bfloat16 mixed-precision training (``train.precision: bf16``)."""
+
+import pytest
+import torch
+
+from metalab.data import EpisodeSampler
+from metalab.engine import RunConfig
+from metalab.engine.precision import training_precision
+from metalab.engine.trainer import build_model
+from metalab.errors import ConfigError
+
+from helpers import cluster_config, test_accuracy as accuracy_on_test, train_on
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_bf16_step_computes_in_bfloat16_and_stays_close_to_fp32(algo, omniglot):
+    batch = EpisodeSampler(omniglot, ways=5, shots=1, queries=3, tasks=2, seed=1).sample(0)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "hidden": 16, "device": "cpu", "precision": precision}})
+        model = build_model(cfg, (1, 28, 28), CPU, {"task": "classification"})  # seeded: same weights
+        with training_precision(precision, CPU):
+            loss, _ = model.meta_backward(model.params(), batch)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert all(g.dtype == torch.float32 for g in grads), "weights' gradients must stay float32"
+        out[precision] = (loss.float(), torch.cat([g.flatten() for g in grads]))
+    (loss32, g32), (loss16, g16) = out["fp32"], out["bf16"]
+    assert not torch.equal(g32, g16), "bf16 gave bit-identical gradients: autocast did not run"
+    assert abs(loss16 - loss32) < 0.02 * loss32
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.98
+
+
+def test_trainer_applies_the_configured_precision(clusters, tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = train_on(clusters, cluster_config("protonet", steps=3, log_every=1, precision=precision), tmp_path / precision)
+        trainer.train()
+        losses[precision] = [row["loss"] for row in trainer.run.metrics() if "loss" in row]
+    assert len(losses["bf16"]) == 3
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+@pytest.mark.parametrize("algo,options,lr", [("protonet", {}, 1e-2),
+                                             ("maml", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}, 3e-3)])
+def test_bf16_training_learns_unseen_classes(algo, options, lr, clusters, tmp_path):
+    trainer = train_on(clusters, cluster_config(algo, steps=150, algo_options=options, lr=lr, precision="bf16"), tmp_path / algo)
+    before = accuracy_on_test(trainer)
+    trainer.train()
+    after = accuracy_on_test(trainer)
+    assert after > 0.2 + 0.35, f"{algo} in bf16: {after:.3f} is too close to chance"
+    assert after > before + 0.15
+
+
+def test_unknown_precision_and_meta_rl_precision_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"train.precision='fp16' is unknown; use 'fp32' or 'bf16'"):
+        RunConfig.from_dict({"train": {"precision": "fp16"}})
+    with pytest.raises(ConfigError, match=r"meta-RL runs in fp32"):
+        RunConfig.from_dict({"train": {"algo": "maml-rl", "precision": "bf16"}, "rl": {"task": "bandit"}})
