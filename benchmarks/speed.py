@@ -1,14 +1,18 @@
 """Speed: metalab against the learn2learn-style reference, measured in the same run.
 
-    python -m benchmarks.speed               # all cases, table with ratios
-    python -m benchmarks.speed --case maml   # one case (prints JSON; used internally)
+    python -m benchmarks.speed                     # all cases, table with ratios
+    python -m benchmarks.speed --precisions fp32   # skip the bfloat16 rows
+    python -m benchmarks.speed --case maml         # one case (prints JSON; used internally)
 
 Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
 second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
 5-way 1-shot, 15 queries, meta-batch 32, 1 inner step), each case in its own process so its
 peak resident memory is its own; adaptation latency (image 20-way 5-shot, text 150-way 5-shot
 from cached embeddings); peak memory of 2nd-order MAML with 5 inner steps with and without
-checkpointed inner steps; Omniglot episode sampling rate. The reference is
+checkpointed inner steps; Omniglot episode sampling rate. Each training case also runs with
+``train.precision: bf16`` (bfloat16 autocast, float32 weights), against the reference in float32
+(what a learn2learn user runs) *and* the reference under the same autocast, so the table shows
+how much of a speed-up is precision and how much is engineering. The reference is
 :mod:`benchmarks.reference_l2l` (learn2learn's clone()/adapt() loop, re-implemented because
 learn2learn cannot be installed beside torch 2.13 / Python 3.11).
 """
@@ -77,8 +81,11 @@ def _peak_rss() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_case(case: str, steps: int) -> dict:
+def run_case(case: str, steps: int, precision: str = "fp32") -> dict:
+    from metalab.engine.precision import training_precision
+
     torch.manual_seed(0)
+    cpu = torch.device("cpu")
     batch = _batch()
     if case.startswith("ref-"):
         from benchmarks import reference_l2l as ref
@@ -87,18 +94,22 @@ def run_case(case: str, steps: int) -> dict:
         if algo in ("maml", "fomaml"):
             maml = ref.ReferenceMAML(ref.omniglot_cnn(WAYS), lr=0.4, first_order=algo == "fomaml")
             opt = torch.optim.Adam(maml.parameters(), 1e-3)
-            step = lambda: ref.meta_step(maml, opt, batch)  # noqa: E731
+            ref_step = lambda: ref.meta_step(maml, opt, batch)  # noqa: E731
         elif algo == "protonet":
             model = ref.omniglot_cnn(WAYS)[:-1]
             opt = torch.optim.Adam(model.parameters(), 1e-3)
-            step = lambda: ref.protonet_step(model, opt, batch)  # noqa: E731
+            ref_step = lambda: ref.protonet_step(model, opt, batch)  # noqa: E731
         elif algo == "anil":
             full = ref.omniglot_cnn(WAYS)
             features, head = full[:-1], ref.ReferenceMAML(full[-1], lr=0.5)
             opt = torch.optim.Adam(list(features.parameters()) + list(head.parameters()), 1e-3)
-            step = lambda: ref.anil_step(features, head, opt, batch)  # noqa: E731
+            ref_step = lambda: ref.anil_step(features, head, opt, batch)  # noqa: E731
         else:
             raise SystemExit(f"unknown case {case}")
+
+        def step():  # a learn2learn user would wrap the loop in torch.autocast the same way
+            with training_precision(precision, cpu):
+                ref_step()
     else:
         from metalab.engine import RunConfig
         from metalab.engine.trainer import build_model
@@ -114,14 +125,15 @@ def run_case(case: str, steps: int) -> dict:
 
         def step():  # exactly what MetaTrainer does per step
             opt.zero_grad(set_to_none=True)
-            algorithm.meta_backward(algorithm.params(), batch)
+            with training_precision(precision, cpu):
+                algorithm.meta_backward(algorithm.params(), batch)
             opt.step()
 
     baseline = _reset_peak_rss()
     times = _time(step, steps)
     median = statistics.median(times)
     peak = _peak_rss()
-    return {"case": case, "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
+    return {"case": case, "precision": precision, "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
             "step_rss_mb": peak - baseline}
 
 
@@ -212,27 +224,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per arm; the best median counts")
     parser.add_argument("--algos", nargs="*", default=["maml", "fomaml", "anil", "protonet"])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="with --case: training precision")
+    parser.add_argument("--precisions", nargs="*", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="training precisions to tabulate (bf16 rows compare with the fp32 and the bf16 reference)")
     parser.add_argument("--only-extras", action="store_true", help="skip the training-step cases")
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(args.case, args.steps)))
+        print(json.dumps(run_case(args.case, args.steps, args.precision)))
         return
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}; conv4 28x28, {WAYS}w{SHOTS}s {QUERIES}q, meta-batch {TASKS}, 1 inner step")
-    print(f"{'algorithm':10s} {'metalab s/step':>15s} {'reference s/step':>17s} {'speed-up':>9s} "
-          f"{'metalab tasks/s':>16s} {'metalab MB':>11s} {'reference MB':>13s}")
+    print(f"{'algorithm':10s} {'precision':>9s} {'metalab s/step':>15s} {'ref fp32 s/step':>16s} {'speed-up':>9s} "
+          f"{'ref same-prec.':>15s} {'speed-up':>9s} {'metalab tasks/s':>16s} {'metalab MB':>11s} {'reference MB':>13s}")
     for algo in [] if args.only_extras else args.algos:
-        res: dict[str, dict] = {}
-        for _ in range(args.rounds):  # arms alternate, so background load hits both alike
-            for case in (algo, f"ref-{algo}"):
-                out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(args.steps)],
-                                     capture_output=True, text=True, check=True)
+        arms = [(case, precision) for precision in args.precisions for case in (algo, f"ref-{algo}")]
+        if ("ref-" + algo, "fp32") not in arms:
+            arms.append(("ref-" + algo, "fp32"))
+        res: dict[tuple[str, str], dict] = {}
+        for _ in range(args.rounds):  # arms alternate, so background load hits all alike
+            for case, precision in arms:
+                out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(args.steps),
+                                      "--precision", precision], capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                if case not in res or r["median_s"] < res[case]["median_s"]:
-                    res[case] = r
-        ours, ref = res[algo], res[f"ref-{algo}"]
-        print(f"{algo:10s} {ours['median_s']:15.3f} {ref['median_s']:17.3f} {ref['median_s'] / ours['median_s']:8.2f}x "
-              f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {ref['peak_rss_mb']:13.0f}", flush=True)
+                if (case, precision) not in res or r["median_s"] < res[case, precision]["median_s"]:
+                    res[case, precision] = r
+        ref32 = res[f"ref-{algo}", "fp32"]
+        for precision in args.precisions:
+            ours, same = res[algo, precision], res[f"ref-{algo}", precision]
+            print(f"{algo:10s} {precision:>9s} {ours['median_s']:15.3f} {ref32['median_s']:16.3f} "
+                  f"{ref32['median_s'] / ours['median_s']:8.2f}x {same['median_s']:15.3f} {same['median_s'] / ours['median_s']:8.2f}x "
+                  f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {same['peak_rss_mb']:13.0f}", flush=True)
     lat = adaptation_latency()
     print(f"adapt + predict, new 20-way 5-shot image task (300 queries): protonet {lat['protonet']:.1f} ms, "
           f"maml (10 steps) {lat['maml']:.1f} ms")
