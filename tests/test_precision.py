@@ -59,3 +59,12 @@ def test_unknown_precision_and_meta_rl_precision_are_refused_by_name():
         RunConfig.from_dict({"train": {"precision": "fp16"}})
     with pytest.raises(ConfigError, match=r"meta-RL runs in fp32"):
         RunConfig.from_dict({"train": {"algo": "maml-rl", "precision": "bf16"}, "rl": {"task": "bandit"}})
+
+
+def test_bf16_without_native_support_is_announced(monkeypatch):
+    from metalab.engine import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    note = precision.precision_note("bf16", CPU)
+    assert note is not None and "train.precision='bf16'" in note and "slower" in note
+    assert precision.precision_note("fp32", CPU) is None

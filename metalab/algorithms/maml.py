@@ -112,10 +112,13 @@ class MAML(Algorithm):
         keys = list(fast)
 
         def step(*weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            current = dict(zip(keys, weights))
-            loss = self.loss_fn(self.forward_fast(current, sx), sy)
-            grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
-            return tuple(w - lrs[k] * g for k, w, g in zip(keys, weights, grads))
+            # under bf16 autocast (train.precision) the support pass stays fp32: the fast weights
+            # are then computed as at test time, and only the query pass runs in bfloat16
+            with torch.autocast(sx.device.type, enabled=False):
+                current = dict(zip(keys, weights))
+                loss = self.loss_fn(self.forward_fast(current, sx), sy)
+                grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
+                return tuple(w - lrs[k] * g for k, w, g in zip(keys, weights, grads))
 
         weights = tuple(fast.values())
         for _ in range(steps):
