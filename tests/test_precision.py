@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch.func import functional_call
 
+from metalab.algorithms.base import sub_params
 from metalab.data import EpisodeSampler
 from metalab.engine import RunConfig
 from metalab.engine.precision import training_precision
@@ -68,3 +70,16 @@ def test_bf16_without_native_support_is_announced(monkeypatch):
     note = precision.precision_note("bf16", CPU)
     assert note is not None and "train.precision='bf16'" in note and "slower" in note
     assert precision.precision_note("fp32", CPU) is None
+
+
+def test_maml_support_inner_loop_stays_fp32_under_bf16(omniglot):
+    batch = EpisodeSampler(omniglot, ways=5, shots=1, queries=3, tasks=1, seed=1).sample(0)
+    cfg = RunConfig.from_dict({"train": {"algo": "maml", "hidden": 16, "device": "cpu", "precision": "bf16"}})
+    model = build_model(cfg, (1, 28, 28), CPU, {"task": "classification"})
+    args = (model.params(), batch.support_x[0], batch.support_y[0], 5, 2, False)
+    plain = model.inner_loop(*args)
+    with training_precision("bf16", CPU):
+        mixed = model.inner_loop(*args)
+        query_features = functional_call(model.backbone, sub_params(mixed, "backbone."), (batch.query_x[0],))
+    assert all(torch.equal(plain[k], mixed[k]) for k in plain), "the support-set inner loop must run in fp32"
+    assert query_features.dtype == torch.bfloat16, "the query pass should run in bfloat16"
