@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from metalab.engine.precision import PRECISIONS
+
 TASKS, WAYS, SHOTS, QUERIES = 32, 5, 1, 15
 
 
@@ -224,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per arm; the best median counts")
     parser.add_argument("--algos", nargs="*", default=["maml", "fomaml", "anil", "protonet"])
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="with --case: training precision")
-    parser.add_argument("--precisions", nargs="*", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="with --case: training precision")
+    parser.add_argument("--precisions", nargs="*", choices=PRECISIONS, default=list(PRECISIONS),
                         help="training precisions to tabulate (bf16 rows compare with the fp32 and the bf16 reference)")
     parser.add_argument("--only-extras", action="store_true", help="skip the training-step cases")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ import torch
 
 from metalab.engine import MetaTrainer, RunConfig
 from metalab.engine.eval_run import evaluate_run
+from metalab.engine.precision import PRECISIONS
 
 # Method → (training episodes, algorithm options, outer lr). Metric methods train on 20-way
 # episodes, gradient-based methods on 5-way 1-shot meta-batches; test-time inner steps follow
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=240.0, help="CPU-seconds of meta-training per method")
     parser.add_argument("--steps", type=int, help="train exactly this many meta-steps instead of a CPU budget "
                         "(to compare settings at equal training, e.g. --precision)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training precision (train.precision)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="training precision (train.precision)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (initialisation and episodes; the split stays seed 0)")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
