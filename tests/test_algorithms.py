@@ -56,9 +56,15 @@ def test_maml_loop_and_vmap_agree_on_loss_and_gradients(omniglot, first_order, d
         maml.zero_grad()
         loss, _ = maml.meta_loss(maml.params(), batch)
         loss.backward()
-        grads[execution] = (loss.detach(), {k: p.grad.clone() for k, p in maml.named_parameters()})
+        if execution == "loop":
+            # the loop folds the first conv + norm into one conv (vmap runs them as two layers),
+            # so the first conv's bias, which the norm cancels, gets an exact zero gradient
+            assert maml.backbone.blocks[0][0].bias.grad.abs().max() == 0
+        maml.drop_invariant_grads()  # what reaches the optimiser: round-off of invariant weights dropped
+        grads[execution] = (loss.detach(), {k: p.grad.clone() for k, p in maml.named_parameters() if p.grad is not None})
     (l1, g1), (l2, g2) = grads["loop"], grads["vmap"]
     assert torch.allclose(l1, l2, atol=atol)
+    assert g1.keys() == g2.keys() and len(g1) >= 10
     for k in g1:
         assert torch.allclose(g1[k], g2[k], atol=atol, rtol=1e-4), k
 

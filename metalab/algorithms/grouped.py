@@ -48,7 +48,7 @@ def grouped_features(backbone: nn.Module, fast: dict[str, torch.Tensor], x: torc
             if isinstance(block[1], BatchStatNorm):
                 h5 = h.view(b, t, out_ch, *h.shape[2:])
                 h = _task_norm(h5, fast[f"{key}.1.weight"], fast[f"{key}.1.bias"], block[1].eps).view_as(h)
-            h = F.max_pool2d(F.relu(h), 2)
+            h = F.relu(F.max_pool2d(h, 2))  # the block order (see conv_block)
         return h.view(b, t, -1).transpose(0, 1)
     h = x.flatten(2)  # MLP: [T, B, D_in]
     for i, layer in enumerate(backbone.net):

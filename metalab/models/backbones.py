@@ -55,6 +55,10 @@ class BatchStatNorm(nn.Module):
 
 
 def conv_block(in_ch: int, out_ch: int, norm: str) -> nn.Sequential:
+    """conv3×3 → norm → max-pool 2 → ReLU. Max-pooling and ReLU commute (both are monotone), so
+    this is the usual conv → norm → ReLU → max-pool block, values and gradients alike (ties
+    included: a window whose maximum is ≤ 0 passes no gradient either way), with the ReLU and its
+    backward on a quarter of the activations."""
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1)]
     if norm == "batch":
         layers.append(nn.BatchNorm2d(out_ch))
@@ -62,15 +66,99 @@ def conv_block(in_ch: int, out_ch: int, norm: str) -> nn.Sequential:
         layers.append(BatchStatNorm(out_ch))
     elif norm != "none":
         raise ConfigError(f"norm='{norm}' is unknown; use 'batch', 'task-batch' or 'none'.")
-    layers += [nn.ReLU(inplace=False), nn.MaxPool2d(2)]
+    layers += [nn.MaxPool2d(2), nn.ReLU(inplace=False)]
     return nn.Sequential(*layers)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, C, H, W]`` with channels-last strides. With one channel,
+    ``x.contiguous(memory_format=torch.channels_last)`` keeps the NCHW strides (the layouts are the
+    same bytes), and convolutions then pick their NCHW kernels and output; here the strides say
+    channels-last explicitly. No copy when ``x`` is already so, or has one channel."""
+    if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    n, c, h, w = x.shape
+    if c == 1 and x.is_contiguous():
+        return x.as_strided((n, c, h, w), (h * w, 1, w, 1))
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def _batch_stat_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalises by the current batch's statistics in this call."""
+    if isinstance(norm, BatchStatNorm):
+        return True
+    if type(norm) is not nn.BatchNorm2d:
+        return False
+    if not norm.track_running_stats:
+        return True
+    return norm.training and norm.momentum is not None  # (momentum None: a cumulative average, not folded)
+
+
+def foldable(block: nn.Sequential) -> bool:
+    """Whether :func:`folded_conv_norm` can compute the first two layers of ``block``."""
+    if len(block) < 2 or type(block[0]) is not nn.Conv2d or not _batch_stat_norm(block[1]):
+        return False
+    conv = block[0]
+    return conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and \
+        not isinstance(conv.padding, str) and conv.padding_mode == "zeros" and \
+        conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= 64
+
+
+def folded_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))`` for a norm by the current batch's statistics, as one convolution.
+
+    Each output channel's batch mean and variance follow from the input patches: with ``m`` and
+    ``S`` the mean and covariance of the ``C·k·k`` patch vectors over batch and positions, channel
+    ``c`` has mean ``w_c·m + b_c`` and variance ``w_cᵀ S w_c``. The norm then folds into the conv
+    weights (``γ w / σ``, ``β + γ (b − μ) / σ``). Same function, and same gradients of every order
+    (autograd goes through the statistics), without the normalisation's passes over the
+    full-resolution output; worth it when ``C·k·k`` is small (the first block). The statistics are
+    computed in the weights' precision also under autocast. A ``nn.BatchNorm2d`` in training mode
+    updates its running statistics as ``F.batch_norm`` does.
+
+    ``x [N, C, H, W]`` → ``[N, O, H', W']``.
+    """
+    w, b = conv.weight, conv.bias
+    with torch.autocast(x.device.type, enabled=False):
+        patches = F.unfold(x.to(w.dtype), conv.kernel_size, padding=conv.padding)  # [N, C·k·k, L]
+        count = patches.shape[0] * patches.shape[2]
+        patches = patches.transpose(0, 1).reshape(patches.shape[1], count)
+        m = patches.mean(1)
+        centred = patches - m[:, None]
+        cov = centred @ centred.T / count  # [C·k·k, C·k·k]
+        flat = w.reshape(w.shape[0], -1)
+        mean = flat @ m + (b if b is not None else 0)
+        var = ((flat @ cov) * flat).sum(1)
+        scale = torch.rsqrt(var + norm.eps)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        folded_b = -mean * scale + (b * scale if b is not None else 0)
+        if norm.bias is not None:
+            folded_b = folded_b + norm.bias
+        folded_w = w * scale.view(-1, *[1] * (w.dim() - 1))
+    if isinstance(norm, nn.BatchNorm2d) and norm.training and norm.track_running_stats:
+        with torch.no_grad():
+            norm.running_mean.mul_(1 - norm.momentum).add_(mean.detach(), alpha=norm.momentum)
+            norm.running_var.mul_(1 - norm.momentum).add_(var.detach() * count / max(count - 1, 1), alpha=norm.momentum)
+            norm.num_batches_tracked.add_(1)
+    if x.stride(1) == 1:  # channels-last input: weights alike
+        folded_w = folded_w.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, folded_w, folded_b, padding=conv.padding)
+
+
 class Conv4(nn.Module):
-    """Four blocks of conv3×3 (``hidden`` filters) → norm → ReLU → max-pool 2 (Vinyals et al. 2016).
+    """Four blocks of conv3×3 (``hidden`` filters) → norm → max-pool 2 → ReLU (Vinyals et al.
+    2016; pooling before the ReLU is the same function, see :func:`conv_block`).
 
     Input ``[B, C, H, W]`` → features ``[B, out_dim]`` (64 for 28×28 inputs, 1600 for 84×84).
+
+    Fast paths, same numbers: when the first block normalises by batch statistics, its conv and
+    norm run as one convolution (:func:`folded_conv_norm`); with ``channels_last = True`` (set on
+    CPU by the trainer) inputs get channels-last strides, which the convolutions then keep.
     """
+
+    #: give inputs channels-last strides (faster convolutions and pooling on CPU)
+    channels_last = False
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, norm: str = "batch") -> None:
         super().__init__()
@@ -83,7 +171,16 @@ class Conv4(nn.Module):
         self.out_dim = hidden * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x).flatten(1)
+        plain = _PLAIN_OPS.get()  # under torch.func.vmap: plain ops only
+        if self.channels_last and not plain:
+            x = channels_last(x)
+        first = self.blocks[0]
+        if plain or not foldable(first):
+            return self.blocks(x).flatten(1)
+        h = folded_conv_norm(first[0], first[1], x)
+        for layer in list(first)[2:]:
+            h = layer(h)
+        return self.blocks[1:](h).flatten(1)
 
 
 class MLP(nn.Module):
