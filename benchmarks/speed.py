@@ -7,7 +7,8 @@
 Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
 second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
 5-way 1-shot, 15 queries, meta-batch 32, 1 inner step), each case in its own process so its
-peak resident memory is its own; adaptation latency (image 20-way 5-shot, text 150-way 5-shot
+peak resident memory is its own, and with the allocator setting of metalab's trainer
+(:mod:`metalab.engine.cpu_memory`) in both arms; adaptation latency (image 20-way 5-shot, text 150-way 5-shot
 from cached embeddings); peak memory of 2nd-order MAML with 5 inner steps with and without
 checkpointed inner steps; Omniglot episode sampling rate. Each training case also runs with
 ``train.precision: bf16`` (bfloat16 autocast, float32 weights), against the reference in float32
@@ -84,8 +85,12 @@ def _peak_rss() -> float:
 
 
 def run_case(case: str, steps: int, precision: str = "fp32") -> dict:
+    from metalab.engine.cpu_memory import keep_freed_memory
     from metalab.engine.precision import training_precision
 
+    # metalab's trainer keeps freed memory for reuse on CPU; the reference gets the same setting,
+    # so the ratios below are the methods' own (it speeds both up alike)
+    keep_freed_memory()
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     batch = _batch()
@@ -234,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args.steps, args.precision)))
         return
+    from metalab.engine.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as in every training case: the in-process figures below get it too
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}; conv4 28x28, {WAYS}w{SHOTS}s {QUERIES}q, meta-batch {TASKS}, 1 inner step")
     print(f"{'algorithm':10s} {'precision':>9s} {'metalab s/step':>15s} {'ref fp32 s/step':>16s} {'speed-up':>9s} "

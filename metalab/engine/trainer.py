@@ -29,6 +29,7 @@ from metalab.data.planner import TaskPlanner
 from metalab.data.sampler import EpisodeSampler
 from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from metalab.engine.cpu_memory import keep_freed_memory
 from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import evaluate, evaluate_regression
 from metalab.engine.precision import precision_note, training_precision
@@ -145,6 +146,8 @@ class MetaTrainer:
                  show_progress: bool = True, log: Callable[[str], None] = print) -> None:
         d, t = config.data, config.train
         self.device = resolve_device(t.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse freed activations instead of page-faulting them in every step
         self.dist = init_distributed(self.device)
         check_divisible(t.meta_batch, self.dist)
         self.config, self.show_progress = config, show_progress and self.dist.is_main

@@ -1,0 +1,40 @@
+"""The trainer's CPU allocator setting: freed activations are reused, not page-faulted in again."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, resource, sys, torch
+from metalab.engine.cpu_memory import keep_freed_memory
+applied = keep_freed_memory()
+x = torch.rand(75, 64, 28, 28)  # 15 MB, one conv4 activation of a 75-image task
+def work():  # a step's pattern: several such activations alive together, then all freed
+    for _ in range(10):
+        alive = [x * k for k in range(4)]
+        del alive
+work()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+work()
+print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def _probe(**env) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc only")
+def test_freed_activations_are_reused_without_page_faults_and_the_setting_can_be_turned_off():
+    tuned = _probe()
+    plain = _probe(METALAB_SYSTEM_MALLOC="1")  # the setting left off
+    assert tuned["applied"] and not plain["applied"]
+    # 40 allocations of 15 MB (3,700 pages each) reuse freed memory. glibc's default gave 0,
+    # 14,600 or 146,700 faults here over repeated runs, by heap layout, so it is not asserted.
+    assert tuned["faults"] < 500, tuned
