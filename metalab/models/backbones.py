@@ -74,7 +74,8 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x [N, C, H, W]`` with channels-last strides. With one channel,
     ``x.contiguous(memory_format=torch.channels_last)`` keeps the NCHW strides (the layouts are the
     same bytes), and convolutions then pick their NCHW kernels and output; here the strides say
-    channels-last explicitly. No copy when ``x`` is already so, or has one channel."""
+    channels-last explicitly. No copy when ``x`` already has these strides, or is a contiguous
+    one-channel tensor (then only the strides change)."""
     if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
         return x
     n, c, h, w = x.shape
