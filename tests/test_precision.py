@@ -83,3 +83,24 @@ def test_maml_support_inner_loop_stays_fp32_under_bf16(omniglot):
         query_features = functional_call(model.backbone, sub_params(mixed, "backbone."), (batch.query_x[0],))
     assert all(torch.equal(plain[k], mixed[k]) for k in plain), "the support-set inner loop must run in fp32"
     assert query_features.dtype == torch.bfloat16, "the query pass should run in bfloat16"
+
+
+
+@pytest.mark.parametrize("memory_format,channels_last", [("auto", True), ("channels_last", True), ("contiguous", False)])
+def test_memory_format_sets_the_backbone_layout_on_cpu(omniglot, memory_format, channels_last):
+    batch = EpisodeSampler(omniglot, ways=5, shots=1, queries=3, tasks=2, seed=3).sample(0)
+    cfg = RunConfig.from_dict({"train": {"algo": "maml", "hidden": 16, "device": "cpu", "memory_format": memory_format}})
+    model = build_model(cfg, (1, 28, 28), CPU, {"task": "classification"})
+    outputs = []
+    for block in model.backbone.blocks:
+        block[0].register_forward_hook(lambda m, a, out: outputs.append(out))
+    model.meta_backward(model.params(), batch)
+    # block 0's conv module is not called (it runs folded with its norm): blocks 1-3 report
+    assert len(outputs) >= 6
+    assert all(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() for o in outputs) == channels_last
+    assert all(o.is_contiguous() for o in outputs) == (not channels_last)
+
+
+def test_unknown_memory_format_is_named():
+    with pytest.raises(ConfigError, match="train.memory_format='nhwc' is unknown; use one of: auto, channels_last, contiguous"):
+        RunConfig.from_dict({"train": {"memory_format": "nhwc"}})

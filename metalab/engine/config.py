@@ -53,10 +53,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  #: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
     precision: str = "fp32"  #: 'fp32', or 'bf16': bfloat16 mixed precision for the training step (weights, optimiser, eval stay fp32)
+    memory_format: str = "auto"  #: conv4 layout: 'auto' (channels-last on CPU: faster), 'channels_last', or 'contiguous' (NCHW: tighter fp32 gradients on CPU)
     planner: str = "uniform"  #: task planner: uniform, domain-balanced, curriculum (easy → hard), hard (hard-task mining)
     planner_every: int = 10  #: feed the planner the learner's errors every this many steps
     planner_refresh: int = 250  #: hard mining: recompute each class's nearest classes every this many steps
     planner_neighbours: int = 10  #: hard mining: nearest classes kept per class
+
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass
@@ -152,6 +156,8 @@ class RunConfig:
         if t.budget_clock not in ("wall", "cpu"):
             raise ConfigError(f"train.budget_clock='{t.budget_clock}' is unknown; use 'wall' or 'cpu'.")
         check_precision(t.precision)
+        if t.memory_format not in MEMORY_FORMATS:
+            raise ConfigError(f"train.memory_format='{t.memory_format}' is unknown; use one of: {', '.join(MEMORY_FORMATS)}.")
         if t.time_budget is not None and not t.time_budget > 0:
             raise ConfigError(f"train.time_budget={t.time_budget!r} is invalid; give seconds > 0 or leave it empty.")
         self._validate_rl()

@@ -110,10 +110,14 @@ def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch
     name = resolve_backbone(t.backbone, tuple(example_shape), config.data.source)
     backbone = build_backbone(name, tuple(example_shape), t.hidden, norm=norm)
     algorithm = build_algorithm(t.algo, backbone, t.algo_options, context).to(device)
-    if device.type == "cpu" and name == "conv4":
+    layout = t.memory_format
+    if name == "conv4" and (layout == "channels_last" or (layout == "auto" and device.type == "cpu")):
         # channels-last weights and inputs: faster convolutions and pooling on CPU (MAML's step
         # 1.25x, the backbone alone 1.6x on 2 cores); the inputs need explicit channels-last
-        # strides, else one-channel images keep the whole backbone in NCHW (Conv4.channels_last)
+        # strides, else one-channel images keep the whole backbone in NCHW (Conv4.channels_last).
+        # Its fp32 gradients are looser than NCHW's on CPU (PyTorch's channels-last batch norm sums
+        # sequentially: MAML's middle blocks 1e-4 off float64 against 1e-5-1e-6 in NCHW;
+        # benchmarks/grad_precision.py), hence train.memory_format: contiguous.
         algorithm = algorithm.to(memory_format=torch.channels_last)
         algorithm.backbone.channels_last = True
     return algorithm
