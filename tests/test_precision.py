@@ -85,7 +85,6 @@ def test_maml_support_inner_loop_stays_fp32_under_bf16(omniglot):
     assert query_features.dtype == torch.bfloat16, "the query pass should run in bfloat16"
 
 
-
 @pytest.mark.parametrize("memory_format,channels_last", [("auto", True), ("channels_last", True), ("contiguous", False)])
 def test_memory_format_sets_the_backbone_layout_on_cpu(omniglot, memory_format, channels_last):
     batch = EpisodeSampler(omniglot, ways=5, shots=1, queries=3, tasks=2, seed=3).sample(0)
