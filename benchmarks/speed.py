@@ -13,7 +13,9 @@ checkpointed inner steps; Omniglot episode sampling rate. Each training case als
 ``train.precision: bf16`` (bfloat16 autocast, float32 weights). Every row is compared with the
 reference *as run* (float32, glibc's default allocator: what a learn2learn user runs) and with the
 reference under the *same settings* (the row's precision, metalab's allocator setting), so the
-table shows how much of a speed-up is settings and how much is the methods' own engineering. The reference is
+table shows how much of a speed-up is settings and how much is the methods' own engineering; a last
+column gives metalab's fp32 step with ``train.task_threads: 1`` (its tasks one after another instead
+of side by side on the cores, :mod:`metalab.algorithms.task_threads`). The reference is
 :mod:`benchmarks.reference_l2l` (learn2learn's clone()/adapt() loop, re-implemented because
 learn2learn cannot be installed beside torch 2.13 / Python 3.11).
 """
@@ -95,6 +97,7 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     batch = _batch()
+    case, _, threads = case.partition("@")  # "protonet@1": train.task_threads = 1 (tasks one after another)
     if case.startswith("ref-"):
         from benchmarks import reference_l2l as ref
 
@@ -127,7 +130,8 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
                    "maml-5step": {"inner_lr": 0.4, "inner_steps": 5},
                    "maml-5step-checkpointed": {"inner_lr": 0.4, "inner_steps": 5, "checkpoint_inner": True}}[case]
         algo = "maml" if case.startswith("maml-5step") else case
-        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu"}})
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu",
+                                             "task_threads": int(threads) if threads else "auto"}})
         algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
         opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
 
@@ -141,7 +145,7 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
     times = _time(step, steps)
     median = statistics.median(times)
     peak = _peak_rss()
-    return {"case": case, "precision": precision, "allocator": allocator, "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
+    return {"case": case + (f"@{threads}" if threads else ""), "precision": precision, "allocator": allocator, "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
             "step_rss_mb": peak - baseline}
 
 
@@ -250,11 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     print("reference as run: fp32, glibc's default allocator (a learn2learn user's setup); reference, same settings: "
           "the row's precision and metalab's allocator setting (the speed-up that is the methods' own)")
     print(f"{'algorithm':10s} {'precision':>9s} {'metalab s/step':>15s} {'ref as run':>11s} {'speed-up':>9s} "
-          f"{'ref same settings':>18s} {'speed-up':>9s} {'metalab tasks/s':>16s} {'metalab MB':>11s} {'reference MB':>13s}")
+          f"{'ref same settings':>18s} {'speed-up':>9s} {'metalab tasks/s':>16s} {'metalab MB':>11s} {'reference MB':>13s} "
+          f"{'metalab, tasks in turn':>23s}")
     for algo in [] if args.only_extras else args.algos:
         ref = f"ref-{algo}"
         arms = [(case, precision, "metalab") for precision in args.precisions for case in (algo, ref)]
         arms.append((ref, "fp32", "system"))
+        arms.append((f"{algo}@1", "fp32", "metalab"))  # metalab with its tasks one after another
         res: dict[tuple[str, str, str], dict] = {}
         for _ in range(args.rounds):  # arms alternate, so background load hits all alike
             for case, precision, allocator in arms:
@@ -269,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
             ours, same = res[algo, precision, "metalab"], res[ref, precision, "metalab"]
             print(f"{algo:10s} {precision:>9s} {ours['median_s']:15.3f} {as_run['median_s']:11.3f} "
                   f"{as_run['median_s'] / ours['median_s']:8.2f}x {same['median_s']:18.3f} {same['median_s'] / ours['median_s']:8.2f}x "
-                  f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {same['peak_rss_mb']:13.0f}", flush=True)
+                  f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {same['peak_rss_mb']:13.0f} "
+                  + (f"{res[f'{algo}@1', 'fp32', 'metalab']['median_s']:13.3f} s ({res[f'{algo}@1', 'fp32', 'metalab']['peak_rss_mb']:.0f} MB)"
+                     if precision == "fp32" else ""), flush=True)
     lat = adaptation_latency()
     print(f"adapt + predict, new 20-way 5-shot image task (300 queries): protonet {lat['protonet']:.1f} ms, "
           f"maml (10 steps) {lat['maml']:.1f} ms")

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from metalab.algorithms.base import Algorithm, Predictor, sub_params
 from metalab.algorithms.grouped import grouped_features, supports_grouped
+from metalab.algorithms.task_threads import module_for_thread, per_task_backward
 from metalab.models.backbones import plain_norm_ops
 from metalab.data.episodes import Episodes
 from metalab.errors import ConfigError
@@ -90,7 +91,7 @@ class MAML(Algorithm):
 
     def forward_fast(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
         """``[B, ...]`` → ``[B, ways]`` logits (or ``[B, outputs]`` predictions) under ``fast``."""
-        z = functional_call(self.backbone, sub_params(fast, "backbone."), (x,))
+        z = functional_call(module_for_thread(self.backbone), sub_params(fast, "backbone."), (x,))
         return z @ fast["head.weight"].T + fast["head.bias"]
 
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -158,21 +159,22 @@ class MAML(Algorithm):
 
     def meta_backward(self, params: Params, batch: Episodes):
         """Loop execution back-propagates each task's query loss as soon as it is computed, so
-        memory holds one task's graph (not the meta-batch's); the gradients are the same."""
+        memory holds one task's graph (not the meta-batch's); on CPU the tasks run side by side on
+        :attr:`task_threads` threads. The gradients are the same."""
         if self.execution_for(batch.support_x.device) != "loop":
             return super().meta_backward(params, batch)
-        losses, scores = [], []
         create_graph = not self.first_order
-        for t in range(batch.tasks):
+
+        def task_loss(t: int):
             fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
             out = self.forward_fast(fast, batch.query_x[t])
-            loss = self.loss_fn(out, batch.query_y[t])
-            (loss / batch.tasks).backward()
-            losses.append(loss.detach())
-            scores.append(self.score(out.detach(), batch.query_y[t]))
+            return self.loss_fn(out, batch.query_y[t]), self.score(out.detach(), batch.query_y[t])
+
+        workers = self.task_workers(batch, buffers_passed=False)
+        results = per_task_backward(task_loss, batch.tasks, workers, self.trainable(), [self.backbone])
         self.drop_invariant_grads()
-        loss = torch.stack(losses).mean()
-        return loss, {"loss": loss.item(), self.metric_name: torch.stack(scores).mean().item()}
+        loss = torch.stack([r[0] for r in results]).mean()
+        return loss, {"loss": loss.item(), self.metric_name: torch.stack([r[1] for r in results]).mean().item()}
 
     # -- the grouped fast path ---------------------------------------------------------------
     def forward_grouped(self, fast: Params, x: torch.Tensor) -> torch.Tensor:

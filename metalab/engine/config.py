@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  #: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
     precision: str = "fp32"  #: 'fp32', or 'bf16': bfloat16 mixed precision for the training step (weights, optimiser, eval stay fp32)
+    task_threads: int | str = "auto"  #: per-task training loops on CPU: 'auto' (one task per core, side by side) or a number of threads (1: one task after another)
     memory_format: str = "auto"  #: conv4 layout: 'auto' (channels-last on CPU: faster), 'channels_last', or 'contiguous' (NCHW: tighter fp32 gradients on CPU)
     planner: str = "uniform"  #: task planner: uniform, domain-balanced, curriculum (easy → hard), hard (hard-task mining)
     planner_every: int = 10  #: feed the planner the learner's errors every this many steps
@@ -156,6 +157,9 @@ class RunConfig:
         if t.budget_clock not in ("wall", "cpu"):
             raise ConfigError(f"train.budget_clock='{t.budget_clock}' is unknown; use 'wall' or 'cpu'.")
         check_precision(t.precision)
+        if not (t.task_threads == "auto" or (type(t.task_threads) is int and t.task_threads >= 1)):
+            raise ConfigError(f"train.task_threads={t.task_threads!r} is invalid; use 'auto' (one task per CPU core) "
+                              "or a whole number >= 1 (1: tasks one after another).")
         if t.memory_format not in MEMORY_FORMATS:
             raise ConfigError(f"train.memory_format='{t.memory_format}' is unknown; use one of: {', '.join(MEMORY_FORMATS)}.")
         if t.time_budget is not None and not t.time_budget > 0:

@@ -110,6 +110,7 @@ def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch
     name = resolve_backbone(t.backbone, tuple(example_shape), config.data.source)
     backbone = build_backbone(name, tuple(example_shape), t.hidden, norm=norm)
     algorithm = build_algorithm(t.algo, backbone, t.algo_options, context).to(device)
+    algorithm.task_threads = t.task_threads
     layout = t.memory_format
     if name == "conv4" and (layout == "channels_last" or (layout == "auto" and device.type == "cpu")):
         # channels-last weights and inputs: faster convolutions and pooling on CPU (MAML's step
