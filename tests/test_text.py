@@ -14,7 +14,7 @@ import torch
 
 from metalab.data.text import load_clinc150, load_text_table
 from metalab.engine.text_eval import classification_metrics, fit_oos_threshold, oos_metrics
-from metalab.errors import DataError
+from metalab.errors import ConfigError, DataError
 from metalab.models.text_encoder import EmbeddingCache, SentenceEncoder, encode_texts
 
 INTENTS = {
@@ -128,6 +128,24 @@ def test_cache_is_keyed_by_model(tiny_encoder_dir, tmp_path):
     b = SentenceEncoder(tiny_encoder_dir, layers=(1, 2))
     assert a.model_id != b.model_id and b.dim == 64
     assert encode_texts(b, ["hello there"], EmbeddingCache(b.model_id, tmp_path), progress=False).shape == (1, 64)
+
+
+def test_the_model_loads_only_for_texts_the_cache_lacks(tiny_encoder_dir, tmp_path):
+    texts = ["what is my balance", "play some jazz"]
+    first = encode_texts(SentenceEncoder(tiny_encoder_dir), texts, EmbeddingCache(SentenceEncoder(tiny_encoder_dir).model_id, tmp_path),
+                         progress=False)
+    fresh = SentenceEncoder(tiny_encoder_dir)  # as in a second process
+    again = encode_texts(fresh, texts, EmbeddingCache(fresh.model_id, tmp_path), progress=False)
+    assert torch.equal(first, again) and fresh._model is None  # all cached: never loaded
+    encode_texts(fresh, ["a brand new text"], EmbeddingCache(fresh.model_id, tmp_path), progress=False)
+    assert fresh._model is not None
+
+    broken = tmp_path / "broken-encoder"
+    broken.mkdir()
+    (broken / "modules.json").write_text("not json")
+    encoder = SentenceEncoder(broken)  # the fingerprint needs no model
+    with pytest.raises(ConfigError, match="Encoder folder '.*broken-encoder' could not be loaded"):
+        encoder.encode(["hello"])
 
 
 def test_shipped_encoder_loads_offline():

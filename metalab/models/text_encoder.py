@@ -8,7 +8,9 @@ off, so nothing is ever downloaded. Any sentence-transformers model *folder* wor
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -68,21 +70,49 @@ class SentenceEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise ConfigError("Text runs need sentence-transformers; run `pip install sentence-transformers`.") from None
-        self.folder = folder
-        self.model = SentenceTransformer(str(folder), device=device, local_files_only=True)
-        self.model.eval()
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ConfigError("Text runs need sentence-transformers; run `pip install sentence-transformers`.")
+        self.folder, self.device = folder, device
+        self._model = None
+        self._loading = threading.Lock()
         self.normalize = normalize
         self.layers = tuple(layers) if layers else ()
-        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(dim_of()) * max(1, len(self.layers))
         name = "all-MiniLM-L6-v2" if folder == default_model_folder_or_none() else folder.name
         self.model_id = f"{name}-{_folder_fingerprint(folder)}{'-norm' if normalize else ''}"
         if self.layers:
             self.model_id += "-layers" + "_".join(str(layer) for layer in self.layers)
+
+    @property
+    def model(self):
+        """The sentence-transformers model, loaded on first use: the cache key needs only the
+        folder's fingerprint, so a command whose texts are all in the embedding cache never
+        imports sentence-transformers (about 10 s on the 2-core machine)."""
+        with self._loading:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                try:
+                    model = SentenceTransformer(str(self.folder), device=self.device, local_files_only=True)
+                except Exception as e:  # a damaged folder: name it, not a traceback from deep inside
+                    raise ConfigError(f"Encoder folder '{self.folder}' could not be loaded ({type(e).__name__}: {e}); "
+                                      "pass a folder saved with SentenceTransformer.save().") from e
+                self._model = model.eval()
+            return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+
+    def load(self) -> "SentenceEncoder":
+        """Load the model now (it otherwise loads on the first text the cache lacks)."""
+        _ = self.model
+        return self
+
+    @property
+    def dim(self) -> int:
+        """Embedding width (loads the model)."""
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(dim_of()) * max(1, len(self.layers))
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """``[len(texts), dim]`` sentence embeddings (the model's own pooling)."""

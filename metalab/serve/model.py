@@ -86,6 +86,8 @@ class ServedRun:
         self.modality = "text" if is_text_spec(self.config.data.source) else "image"
         self.key = str(self.run_dir)  #: adapters belong to one run: the registry scopes them by this
         self._encoder = run_encoder(self.config) if self.modality == "text" else None
+        if self._encoder is not None:
+            self._encoder.load()  # now, not lazily: the first request must not wait for it
         self._encode = CombiningBatcher(self._encoder.encode) if self._encoder is not None else None
         self._fitted: OrderedDict[tuple[str, int], Adapter] = OrderedDict()
         self._fitted_lock = threading.Lock()
