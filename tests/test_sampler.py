@@ -5,9 +5,11 @@ from metalab.data import EpisodeSampler, LabelledSource
 from metalab.errors import ConfigError, DataError
 
 
-def indexed_source(classes=30, per_class=20, domains=3):
-    """x holds each example's own index, so episodes reveal which examples they used."""
-    y = torch.arange(classes).repeat_interleave(per_class)
+def indexed_source(classes=30, per_class=20, domains=3, uneven=False):
+    """x holds each example's own index, so episodes reveal which examples they used
+    (``uneven``: class ``c`` has ``per_class + c % 7`` examples, so class rows end in padding)."""
+    counts = per_class + torch.arange(classes) % 7 if uneven else torch.full((classes,), per_class)
+    y = torch.arange(classes).repeat_interleave(counts)
     x = torch.arange(len(y), dtype=torch.float32)[:, None]
     return LabelledSource(x, y, [f"c{i}" for i in range(classes)], torch.arange(classes) % domains,
                           [f"d{i}" for i in range(domains)], name="indexed")
@@ -21,8 +23,9 @@ def test_shapes_and_labels():
     assert b.classes.shape == (7, 5)
 
 
-def test_support_and_query_never_share_an_example_and_match_their_class():
-    src = indexed_source()
+@pytest.mark.parametrize("uneven", [False, True])
+def test_support_and_query_never_share_an_example_and_match_their_class(uneven):
+    src = indexed_source(uneven=uneven)
     sampler = EpisodeSampler(src, ways=5, shots=5, queries=15, tasks=50)
     for i in range(5):
         b = sampler.sample(i)

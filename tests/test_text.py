@@ -132,8 +132,8 @@ def test_cache_is_keyed_by_model(tiny_encoder_dir, tmp_path):
 
 def test_the_model_loads_only_for_texts_the_cache_lacks(tiny_encoder_dir, tmp_path):
     texts = ["what is my balance", "play some jazz"]
-    first = encode_texts(SentenceEncoder(tiny_encoder_dir), texts, EmbeddingCache(SentenceEncoder(tiny_encoder_dir).model_id, tmp_path),
-                         progress=False)
+    loaded = SentenceEncoder(tiny_encoder_dir)
+    first = encode_texts(loaded, texts, EmbeddingCache(loaded.model_id, tmp_path), progress=False)
     fresh = SentenceEncoder(tiny_encoder_dir)  # as in a second process
     again = encode_texts(fresh, texts, EmbeddingCache(fresh.model_id, tmp_path), progress=False)
     assert torch.equal(first, again) and fresh._model is None  # all cached: never loaded
