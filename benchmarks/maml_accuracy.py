@@ -65,10 +65,11 @@ class ReferenceLearner(nn.Module):
                             for t in range(batch.tasks)])
 
 
-def config(steps: int, meta_batch: int, test_steps: int, seed: int, episodes: int, memory_format: str = "auto") -> RunConfig:
+def config(steps: int, meta_batch: int, test_steps: int, seed: int, episodes: int, memory_format: str = "auto",
+           head: str = "row") -> RunConfig:
     cfg = config_for("maml", None, episodes, steps=steps, seed=seed, memory_format=memory_format).to_dict()
     cfg["train"]["meta_batch"] = meta_batch
-    cfg["train"]["algo_options"] = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": test_steps}
+    cfg["train"]["algo_options"] = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": test_steps, "head": head}
     cfg["eval"]["settings"] = [[5, 1]]
     return RunConfig.from_dict(cfg)
 
@@ -82,10 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                         help="metalab's conv4 layout (train.memory_format; contiguous = NCHW)")
+    parser.add_argument("--head", choices=("row", "per-class"), default="row",
+                        help="metalab's MAML head (algo_options.head): one shared row, or the reference's Linear(64, 5)")
     parser.add_argument("--arms", nargs="+", choices=("metalab", "reference"), default=["metalab", "reference"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/maml_accuracy.md"))
     args = parser.parse_args(argv)
-    cfg = config(args.steps, args.meta_batch, args.test_steps, args.seed, args.episodes, args.memory_format)
+    cfg = config(args.steps, args.meta_batch, args.test_steps, args.seed, args.episodes, args.memory_format, args.head)
     root = Path(tempfile.mkdtemp(prefix="metalab-maml-accuracy-"))
 
     trainer = MetaTrainer(cfg, root / "metalab", show_progress=False, log=lambda m: None)  # (also the reference's batches)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train()  # (its time includes one validation pass at the last step and the checkpoint)
         seconds = time.perf_counter() - start
         result = evaluate(trainer.algorithm, test, 5, 1, 15, args.episodes, seed=cfg.eval.seed, show_progress=False)
-        rows.append((f"metalab (`--algo maml`, layout {args.memory_format})", result, seconds))
+        rows.append((f"metalab (`--algo maml`, head {args.head}, layout {args.memory_format})", result, seconds))
     if "reference" in args.arms:
         torch.manual_seed(args.seed)
         maml = ref.ReferenceMAML(ref.omniglot_cnn(5), lr=0.4)

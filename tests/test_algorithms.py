@@ -93,6 +93,24 @@ def test_maml_head_adapts_to_any_number_of_ways(omniglot):
         assert predictor.logits(b.query_x[0]).shape == (3 * ways, ways)
 
 
+def test_maml_per_class_head_is_a_linear_layer_for_its_ways_only(omniglot):
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch")
+    maml = build_algorithm("maml", backbone, {"head": "per-class", "head_ways": 5, "test_inner_steps": 2})
+    assert maml.head_weight.shape == (5, 16) and maml.head_weight.abs().min() > 0  # Linear(16, 5)'s random start
+    assert maml.invariant_params == ()  # each row has its own gradient: nothing is dropped
+    b = _conv_batch(omniglot, tasks=2)
+    maml.meta_backward(maml.params(), b)
+    assert maml.head_weight.grad.abs().min() > 0 and maml.head_bias.grad.abs().max() > 0
+    wide = _conv_batch(omniglot, tasks=1, ways=20)
+    with pytest.raises(ConfigError, match="5-class head.*not 20-way"):
+        maml.adapt(maml.params(), wide.support_x[0], wide.support_y[0], 20)
+    with pytest.raises(ConfigError, match="head='rows' is unknown"):
+        build_algorithm("maml", backbone, {"head": "rows"})
+    with pytest.raises(ConfigError, match="do not apply to algorithm 'reptile'"):
+        build_algorithm("reptile", backbone, {"head": "per-class"})
+
+
 def test_predictor_agrees_with_batched_features_path(omniglot):
     proto = build_algorithm("protonet", build_backbone("conv4", (1, 28, 28), hidden=16)).eval()
     b = _conv_batch(omniglot, tasks=2)

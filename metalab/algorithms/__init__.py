@@ -28,6 +28,7 @@ from metalab.algorithms.reptile import Reptile
 from metalab.errors import ConfigError
 
 _MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner")
+_MAML_HEAD_OPTIONS = _MAML_OPTIONS + ("head", "head_ways")  # MAML and FOMAML only
 _HEAD_OPTIONS = ("scale", "finetune_steps", "finetune_lr")
 
 
@@ -51,8 +52,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "matchingnet": AlgorithmSpec(lambda b, ctx, **o: MatchingNet(b, **o), "batch", ("scale",), summary="Matching Networks, cosine attention (Vinyals et al. 2016)"),
     "r2d2": AlgorithmSpec(lambda b, ctx, **o: R2D2(b, **o), "batch", ("lam", "scale"), summary="closed-form ridge head (Bertinetto et al. 2019)"),
     "anil": AlgorithmSpec(lambda b, ctx, **o: ANIL(b, **o), "batch", ("inner_lr", "inner_steps", "test_inner_steps", "first_order"), summary="inner loop on the head only (Raghu et al. 2020)"),
-    "maml": AlgorithmSpec(_gradient_based(MAML), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "second-order MAML (Finn et al. 2017)"),
-    "fomaml": AlgorithmSpec(_gradient_based(first_order_maml), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "first-order MAML"),
+    "maml": AlgorithmSpec(_gradient_based(MAML), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "second-order MAML (Finn et al. 2017)"),
+    "fomaml": AlgorithmSpec(_gradient_based(first_order_maml), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "first-order MAML"),
     "reptile": AlgorithmSpec(_gradient_based(Reptile), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "Reptile (Nichol et al. 2018)"),
     "metasgd": AlgorithmSpec(_gradient_based(MetaSGD), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "learned per-parameter inner step sizes (Li et al. 2017)"),
     "baseline": AlgorithmSpec(lambda b, ctx, **o: Baseline(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="pre-train on all classes, new linear head (Chen et al. 2019)", needs_classes=True),

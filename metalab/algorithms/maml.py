@@ -8,7 +8,9 @@ order treats the inner gradients as constants.
 For classification the head is one row (weight ``[1, D]``, bias ``[1]``) copied to every class
 at the start of adaptation (Ye & Chao, ICLR 2022, "How to train your MAML to excel in few-shot
 classification"), so a model meta-trained 5-way adapts to 20-way tasks and is invariant to the
-order of labels. For regression the head is a plain ``[outputs, D]`` linear layer and the loss
+order of labels. ``head="per-class"`` gives instead the original paper's (and learn2learn's) head:
+a randomly initialised ``Linear(D, head_ways)`` meta-learned row by row, which adapts only to
+``head_ways``-way tasks. For regression the head is a plain ``[outputs, D]`` linear layer and the loss
 is the mean squared error.
 
 Execution (``execution=``): ``"loop"`` runs tasks one after another; ``"vmap"`` batches them with
@@ -50,6 +52,8 @@ class MAML(Algorithm):
         task: str = "classification",
         outputs: int = 1,
         checkpoint_inner: bool = False,
+        head: str = "row",
+        head_ways: int = 5,
     ) -> None:
         super().__init__(backbone)
         if execution not in ("auto", "loop", "vmap", "grouped"):
@@ -60,13 +64,24 @@ class MAML(Algorithm):
             raise ConfigError("inner_steps and test_inner_steps must be at least 1.")
         if task not in ("classification", "regression"):
             raise ConfigError(f"task='{task}' is unknown; use 'classification' or 'regression'.")
-        rows = 1 if task == "classification" else outputs
-        self.head_weight = nn.Parameter(torch.zeros(rows, backbone.out_dim))
-        self.head_bias = nn.Parameter(torch.zeros(rows))
+        if head not in ("row", "per-class"):
+            raise ConfigError(f"head='{head}' is unknown; use 'row' (one shared row, any number of ways) or 'per-class'.")
+        if head == "per-class" and task != "classification":
+            raise ConfigError("head='per-class' applies to classification only; remove it for regression.")
+        if head == "per-class" and (not isinstance(head_ways, int) or head_ways < 2):
+            raise ConfigError(f"head_ways={head_ways!r} is invalid; give the number of ways of the training tasks (2 or more).")
+        self.head, self.head_ways = head, head_ways
+        if head == "per-class":  # nn.Linear(D, head_ways)'s initialisation
+            linear = nn.Linear(backbone.out_dim, head_ways)
+            self.head_weight, self.head_bias = nn.Parameter(linear.weight.data), nn.Parameter(linear.bias.data)
+        else:
+            rows = 1 if task == "classification" else outputs
+            self.head_weight = nn.Parameter(torch.zeros(rows, backbone.out_dim))
+            self.head_bias = nn.Parameter(torch.zeros(rows))
         self.inner_lr, self.inner_steps, self.test_inner_steps = inner_lr, inner_steps, test_inner_steps
         self.first_order, self.execution, self.task = first_order, execution, task
         self.checkpoint_inner = checkpoint_inner
-        if task == "classification":
+        if task == "classification" and head == "row":
             # one row copied to every class: moving it moves every logit by the same amount, which
             # softmax ignores, so the loss does not depend on it (its gradient is round-off)
             self.invariant_params = ("head_weight", "head_bias")
@@ -78,7 +93,13 @@ class MAML(Algorithm):
         """The starting point of adaptation: backbone weights and the head (its row copied
         ``ways`` times for classification)."""
         fast = {k: v for k, v in params.items() if k.startswith("backbone.")}
-        if self.task == "classification":
+        if self.head == "per-class":
+            if ways != self.head_ways:
+                raise ConfigError(f"This MAML has a {self.head_ways}-class head (head='per-class'), so it adapts to "
+                                  f"{self.head_ways}-way tasks only, not {ways}-way; evaluate at {self.head_ways} ways "
+                                  "or train with head='row'.")
+            fast["head.weight"], fast["head.bias"] = params["head_weight"], params["head_bias"]
+        elif self.task == "classification":
             fast["head.weight"] = params["head_weight"].expand(ways, -1)
             fast["head.bias"] = params["head_bias"].expand(ways)
         else:
@@ -87,7 +108,7 @@ class MAML(Algorithm):
 
     def inner_lrs(self, params: Params) -> dict[str, float | torch.Tensor]:
         """Step size of each fast weight (a constant here; learned per parameter in Meta-SGD)."""
-        return {k: self.inner_lr for k in self.task_init(params, 1)}
+        return {k: self.inner_lr for k in self.task_init(params, self.head_ways if self.head == "per-class" else 1)}
 
     def forward_fast(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
         """``[B, ...]`` → ``[B, ways]`` logits (or ``[B, outputs]`` predictions) under ``fast``."""
