@@ -111,6 +111,35 @@ def test_maml_per_class_head_is_a_linear_layer_for_its_ways_only(omniglot):
         build_algorithm("reptile", backbone, {"head": "per-class"})
 
 
+def test_maml_per_class_head_is_the_reference_maml_from_the_same_start(omniglot):
+    """The premise of benchmarks/maml_accuracy.py --head per-class: from one seed metalab's MAML
+    and the learn2learn-style reference start from the same weights and give one meta-batch the
+    same second-order gradients (up to the round-off of conv biases before a norm, which
+    metalab drops)."""
+    from benchmarks import reference_l2l as ref
+
+    batch = _conv_batch(omniglot, tasks=1)
+    torch.manual_seed(3)
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch")
+    maml = build_algorithm("maml", backbone, {"head": "per-class", "inner_lr": 0.4})
+    torch.manual_seed(3)
+    reference = ref.ReferenceMAML(ref.omniglot_cnn(5, hidden=16), lr=0.4)
+    ours = [p for n, p in maml.named_parameters() if n.startswith("backbone.")] + [maml.head_weight, maml.head_bias]
+    theirs = list(reference.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs)) and len(ours) == len(theirs) == 18
+    maml.meta_backward(maml.params(), batch)
+    ref.meta_step(reference, torch.optim.SGD(reference.parameters(), lr=0.0), batch)
+    dropped, largest = 0, max(b.grad.abs().max() for b in theirs)
+    for (name, a), b in zip([(n, p) for n, p in maml.named_parameters() if n.startswith("backbone.")] +
+                            [("head_weight", maml.head_weight), ("head_bias", maml.head_bias)], theirs):
+        if a.grad is None:  # a conv bias before a norm: the loss does not depend on it
+            dropped += 1
+            assert name.endswith("0.bias") and b.grad.abs().max() < 1e-4 * largest
+            continue
+        assert b.grad.abs().max() > 0 and (a.grad - b.grad).norm() < 1e-4 * b.grad.norm(), name  # float32 round-off
+    assert dropped == 4
+
+
 def test_predictor_agrees_with_batched_features_path(omniglot):
     proto = build_algorithm("protonet", build_backbone("conv4", (1, 28, 28), hidden=16)).eval()
     b = _conv_batch(omniglot, tasks=2)
