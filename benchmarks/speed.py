@@ -135,7 +135,8 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
                    "maml-5step-checkpointed": {"inner_lr": 0.4, "inner_steps": 5, "checkpoint_inner": True, **head}}[case]
         algo = "maml" if case.startswith("maml-5step") else case
         cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu",
-                                             "task_threads": int(threads) if threads else "auto"}})
+                                             "task_threads": int(threads) if threads else "auto"},
+                                   "eval": {"settings": [[WAYS, SHOTS]]}})
         algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
         opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
 

@@ -111,6 +111,22 @@ def test_maml_per_class_head_is_a_linear_layer_for_its_ways_only(omniglot):
         build_algorithm("reptile", backbone, {"head": "per-class"})
 
 
+def test_a_per_class_maml_head_with_other_ways_is_refused_before_training():
+    from metalab.engine import RunConfig
+
+    def config(**sections):
+        train = {"algo": "maml", "algo_options": {"head": "per-class"}, **sections.pop("train", {})}
+        return RunConfig.from_dict({"train": train, **sections})
+
+    with pytest.raises(ConfigError, match=r"eval.settings \[\[20, 1\], \[20, 5\]\] have other than 5 ways"):
+        config()  # the default evaluation protocol includes 20-way tasks
+    with pytest.raises(ConfigError, match="train.ways=\\[3, 7\\] does not fit"):
+        config(train={"ways": [3, 7]}, eval={"settings": [[5, 1]]})
+    config(eval={"settings": [[5, 1], [5, 5]]})
+    RunConfig.from_dict({"train": {"algo": "maml", "algo_options": {"head": "per-class", "head_ways": 20}, "ways": 20},
+                         "eval": {"settings": [[20, 1]]}})
+
+
 def test_maml_per_class_head_is_the_reference_maml_from_the_same_start(omniglot):
     """The premise of benchmarks/maml_accuracy.py --head per-class: from one seed metalab's MAML
     and the learn2learn-style reference start from the same weights and give one meta-batch the

@@ -168,6 +168,25 @@ class RunConfig:
         for pair in e.settings:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair)):
                 raise ConfigError(f"eval.settings entry {pair!r} is invalid; give [ways, shots] pairs of positive integers.")
+        self._validate_per_class_head()
+
+    def _validate_per_class_head(self) -> None:
+        """MAML's ``head: per-class`` has ``head_ways`` rows: every training and evaluation task must
+        have that many ways (caught here, not after training)."""
+        t = self.train
+        options = t.algo_options or {}
+        if options.get("head") != "per-class":
+            return
+        head_ways = options.get("head_ways", 5)
+        train_ways = t.ways if isinstance(t.ways, list) else [t.ways]
+        if any(w != head_ways for w in train_ways):
+            raise ConfigError(f"train.ways={t.ways!r} does not fit train.algo_options.head='per-class' with "
+                              f"head_ways={head_ways}; train at {head_ways} ways, set head_ways, or use head 'row'.")
+        wrong = [pair for pair in self.eval.settings if pair[0] != head_ways]
+        if wrong:
+            raise ConfigError(f"eval.settings {wrong} have other than {head_ways} ways, which a per-class MAML head "
+                              f"(train.algo_options.head_ways={head_ways}) cannot adapt to; evaluate at {head_ways} ways "
+                              "(e.g. --set 'eval.settings=[[5, 1], [5, 5]]') or use head 'row'.")
 
 
     def _validate_rl(self) -> None:
