@@ -175,8 +175,8 @@ class RunConfig:
         have that many ways (caught here, not after training)."""
         t = self.train
         options = t.algo_options or {}
-        if options.get("head") != "per-class":
-            return
+        if t.algo not in ("maml", "fomaml") or options.get("head") != "per-class":
+            return  # (other algorithms refuse the option when they are built)
         head_ways = options.get("head_ways", 5)
         train_ways = t.ways if isinstance(t.ways, list) else [t.ways]
         if any(w != head_ways for w in train_ways):
