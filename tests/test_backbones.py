@@ -134,3 +134,96 @@ def test_folded_statistics_keep_float32_precision_for_edge_filters_on_strokes(om
         return float((y - reference).norm() / reference.norm())
 
     assert error(folded) < 1e-6 and error(folded) < 10 * error(direct) + 1e-7, (error(folded), error(direct))
+
+
+def _fused_and_plain(net: Conv4, x: torch.Tensor, create_graph: bool = False):
+    """(output, gradients) of ``net`` with and without the fused first block, from the same weights."""
+    results, start = [], copy.deepcopy(net.state_dict())
+    for fused in (True, False):
+        net.load_state_dict(start)  # the same running statistics before each call
+        net.fused_first_block = fused
+        params = [p for name, p in net.named_parameters() if not name.endswith("0.bias")]  # conv biases before a norm: round-off
+        out = net(x)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + out.square().mean()
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+        if create_graph:  # gradients of a function of the gradients: second order through the block
+            grads = torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+        results.append((out.detach(), grads, {k: v.clone() for k, v in net.named_buffers()}))
+    return results
+
+
+@pytest.mark.parametrize("norm", ["batch", "task-batch"])
+def test_fused_first_block_is_the_block_it_replaces(norm, omniglot):
+    """The compiled conv → norm → max-pool → ReLU of a one-channel first block (float32, CPU)
+    against conv4's own ops: the same values, first- and second-order gradients and running
+    statistics, on strokes (many exact ties: flat windows) and on noise."""
+    from metalab.models import first_block
+
+    if not first_block.AVAILABLE:
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    net = Conv4(1, 16, 28, norm)
+    net.channels_last = True
+    strokes = omniglot.x[:40].float().div(255)
+    for x in (strokes, torch.randn(40, 1, 28, 28)):
+        assert first_block.fusable(net.blocks[0], channels_last(x))
+        (fused, fused_grads, fused_buffers), (plain, plain_grads, plain_buffers) = _fused_and_plain(net, x)
+        assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-5)
+        for a, b in zip(fused_grads, plain_grads):
+            assert (a - b).norm() <= 1e-4 * b.norm()
+        for name in fused_buffers:
+            assert torch.allclose(fused_buffers[name], plain_buffers[name], rtol=1e-5, atol=1e-6), name
+    (_, fused_gg, _), (_, plain_gg, _) = _fused_and_plain(net, torch.randn(20, 1, 28, 28), create_graph=True)
+    for a, b in zip(fused_gg, plain_gg):
+        assert (a - b).norm() <= 1e-4 * b.norm()
+
+
+def test_fused_first_block_sends_a_tied_window_to_its_first_pixel_as_max_pool_does(omniglot):
+    """Ties are common in the first block: flat windows of a blank page, and here a box filter
+    (all weights equal) on strokes, which scores different patches with the same count of ink
+    alike. The gradient must go to one pixel per window, the first as in PyTorch's max-pool,
+    else the weight gradient counts a window twice or takes another patch."""
+    from metalab.models import first_block
+
+    if not first_block.AVAILABLE:
+        pytest.skip("numba is not installed")
+    torch.manual_seed(0)
+    net = Conv4(1, 8, 28, "task-batch")
+    net.channels_last = True
+    with torch.no_grad():
+        net.blocks[0][0].weight.fill_(1.0)
+    x = omniglot.x[:30].float().div(255).round()  # strokes, 0 or 1
+    x[:5] = 0.0  # blank pages: every window a tie
+    (fused, fused_grads, _), (plain, plain_grads, _) = _fused_and_plain(net, x)
+    assert torch.allclose(fused, plain, atol=1e-6)
+    for a, b in zip(fused_grads, plain_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_first_block_applies_only_where_it_is_the_same_function():
+    from metalab.models import first_block
+
+    torch.manual_seed(0)
+    net = Conv4(1, 8, 28, "batch")
+    block = net.blocks[0]
+    x = channels_last(torch.rand(4, 1, 28, 28))
+    assert first_block.fusable(block, x) == first_block.AVAILABLE
+    assert not first_block.fusable(block, x.double())  # the kernels are float32
+    assert not first_block.fusable(block, x.clone().requires_grad_())  # no input gradient
+    assert not first_block.fusable(block, channels_last(torch.rand(4, 1, 27, 27)))  # odd size: pooling drops a row
+    assert not first_block.fusable(Conv4(3, 8, 28, "batch").blocks[0], torch.rand(4, 3, 28, 28))
+    assert not first_block.fusable(Conv4(1, 8, 28, "none").blocks[0], x)  # nothing to fold
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not first_block.fusable(block, x)
+    net.eval()  # running statistics: not a batch-statistics norm
+    assert not first_block.fusable(block, x)
+
+
+def test_the_trainer_fuses_the_first_block_only_for_methods_that_differentiate_the_backbone_once():
+    from metalab.engine import RunConfig
+    from metalab.engine.trainer import build_model
+
+    for algo, fused in (("protonet", True), ("anil", True), ("maml", False), ("reptile", False)):
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "device": "cpu"}})
+        model = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
+        assert model.backbone.fused_first_block is fused, algo

@@ -121,6 +121,9 @@ def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch
         # benchmarks/grad_precision.py), hence train.memory_format: contiguous.
         algorithm = algorithm.to(memory_format=torch.channels_last)
         algorithm.backbone.channels_last = True
+        # one compiled kernel for a one-channel first block (metalab.models.first_block): only for
+        # methods that back-propagate through the backbone once; MAML's double backward keeps conv4's ops
+        algorithm.backbone.fused_first_block = algorithm.first_order_backbone
     return algorithm
 
 

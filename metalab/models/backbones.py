@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalab.errors import ConfigError
+from metalab.models.first_block import conv_norm_pool_relu, fusable
 
 
 _PLAIN_OPS: contextvars.ContextVar[bool] = contextvars.ContextVar("metalab_plain_norm_ops", default=False)
@@ -121,7 +122,6 @@ def folded_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch
 
     ``x [N, C, H, W]`` → ``[N, O, H', W']``.
     """
-    w, b = conv.weight, conv.bias
     with torch.autocast(x.device.type, enabled=False):
         # statistics in float64: wᵀSw sums terms of both signs, which cancel for edge-like filters
         # on smooth images (float32 here put 4e-5 relative error on the block's output)
@@ -131,6 +131,19 @@ def folded_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch
         m = patches.mean(1)
         centred = patches - m[:, None]
         cov = centred @ centred.T / count  # [C·k·k, C·k·k]
+    folded_w, folded_b = fold_norm_into_conv(conv, norm, m, cov, count)
+    if x.stride(1) == 1:  # channels-last input: weights alike
+        folded_w = folded_w.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, folded_w, folded_b, padding=conv.padding)
+
+
+def fold_norm_into_conv(conv: nn.Conv2d, norm: nn.Module, m: torch.Tensor, cov: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``[O, C, k, k]`` and bias ``[O]`` of ``norm(conv(·))`` for a norm by the batch
+    statistics, from the float64 mean ``m [C·k·k]`` and covariance ``cov [C·k·k, C·k·k]`` of the
+    ``count`` input patches (see :func:`folded_conv_norm`); differentiable in the conv's and the
+    norm's parameters. A ``nn.BatchNorm2d`` in training mode updates its running statistics."""
+    w, b = conv.weight, conv.bias
+    with torch.autocast(m.device.type, enabled=False):
         flat = w.reshape(w.shape[0], -1).to(torch.float64)
         mean = (flat @ m).to(w.dtype) + (b if b is not None else 0)
         var = ((flat @ cov) * flat).sum(1).to(w.dtype)
@@ -146,9 +159,7 @@ def folded_conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch
             norm.running_mean.mul_(1 - norm.momentum).add_(mean.detach(), alpha=norm.momentum)
             norm.running_var.mul_(1 - norm.momentum).add_(var.detach() * count / max(count - 1, 1), alpha=norm.momentum)
             norm.num_batches_tracked.add_(1)
-    if x.stride(1) == 1:  # channels-last input: weights alike
-        folded_w = folded_w.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, folded_w, folded_b, padding=conv.padding)
+    return folded_w, folded_b
 
 
 class Conv4(nn.Module):
@@ -159,11 +170,16 @@ class Conv4(nn.Module):
 
     Fast paths, same numbers: when the first block normalises by batch statistics, its conv and
     norm run as one convolution (:func:`folded_conv_norm`); with ``channels_last = True`` (set on
-    CPU by the trainer) inputs get channels-last strides, which the convolutions then keep.
+    CPU by the trainer) inputs get channels-last strides, which the convolutions then keep; with
+    ``fused_first_block = True`` too (set by the trainer for methods that differentiate the
+    backbone once) a one-channel first block runs as one compiled kernel
+    (:mod:`metalab.models.first_block`).
     """
 
     #: give inputs channels-last strides (faster convolutions and pooling on CPU)
     channels_last = False
+    #: run a one-channel first block (conv, batch-stat norm, pool, ReLU) as one compiled CPU kernel
+    fused_first_block = False
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, norm: str = "batch") -> None:
         super().__init__()
@@ -180,6 +196,8 @@ class Conv4(nn.Module):
         if self.channels_last and not plain:
             x = channels_last(x)
         first = self.blocks[0]
+        if self.fused_first_block and not plain and self.channels_last and fusable(first, x):
+            return self.blocks[1:](conv_norm_pool_relu(first, x)).flatten(1)
         if plain or not foldable(first):
             return self.blocks(x).flatten(1)
         h = folded_conv_norm(first[0], first[1], x)
