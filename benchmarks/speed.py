@@ -3,6 +3,8 @@
     python -m benchmarks.speed                     # all cases, table with ratios
     python -m benchmarks.speed --precisions fp32   # skip the bfloat16 rows
     python -m benchmarks.speed --case maml         # one case (prints JSON; used internally)
+    python -m benchmarks.speed --paired protonet anil --paired-rounds 6 --steps 8
+                                                   # paired ratios against the reference as run
 
 Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
 second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
@@ -235,6 +237,26 @@ def memory(steps: int) -> dict:
     return out
 
 
+def _case_median(case: str, steps: int, allocator: str) -> float:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(steps),
+                          "--allocator", allocator], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+
+
+def paired_ratios(algo: str, rounds: int, steps: int, log=print) -> list[float]:
+    """Speed-up of metalab (fp32) over the reference as run, one ratio per round of two back-to-back
+    runs (order alternating), so that a slow or fast spell of the shared machine hits both arms
+    of a ratio alike; the spread of the ratios is the run-to-run uncertainty of the figure."""
+    ratios = []
+    for r in range(rounds):
+        order = [(algo, "metalab"), (f"ref-{algo}", "system")]
+        times = {case: _case_median(case, steps, allocator) for case, allocator in (order if r % 2 == 0 else order[::-1])}
+        ratios.append(times[f"ref-{algo}"] / times[algo])
+        log(f"{algo} round {r}: metalab {times[algo]:.3f} s/step, reference as run {times[f'ref-{algo}']:.3f} s/step, "
+            f"{ratios[-1]:.2f}x")
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help="run one case in this process and print JSON")
@@ -247,9 +269,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allocator", choices=("metalab", "system"), default="metalab",
                         help="with --case: the trainer's CPU allocator setting, or glibc's default")
     parser.add_argument("--only-extras", action="store_true", help="skip the training-step cases")
+    parser.add_argument("--paired", nargs="*", metavar="ALGO",
+                        help="only paired ratios against the reference as run for these algorithms (fp32)")
+    parser.add_argument("--paired-rounds", type=int, default=6, help="with --paired: rounds per algorithm")
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.steps, args.precision, args.allocator)))
+        return
+    if args.paired:
+        print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d %H:%M')}; paired rounds, median of {args.steps} steps after 3 warm-up per run")
+        for algo in args.paired:
+            ratios = paired_ratios(algo, args.paired_rounds, args.steps)
+            print(f"{algo}: speed-up against the reference as run, median of {len(ratios)} paired rounds "
+                  f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)", flush=True)
         return
     from metalab.engine.cpu_memory import keep_freed_memory
 
