@@ -41,7 +41,14 @@ AVAILABLE = njit is not None
 
 
 def _jit(fn):
-    return njit(nogil=True, fastmath=True, cache=True)(fn) if AVAILABLE else fn
+    """Compile ``fn`` on first call, cached on disk; without a writable cache folder (numba then
+    refuses ``cache=True`` at decoration), compiled per process instead."""
+    if not AVAILABLE:
+        return fn
+    try:
+        return njit(nogil=True, fastmath=True, cache=True)(fn)
+    except RuntimeError:
+        return njit(nogil=True, fastmath=True)(fn)
 
 
 @_jit
