@@ -231,16 +231,15 @@ def memory(steps: int) -> dict:
     """Second-order MAML with 5 inner steps, with and without checkpointed inner steps."""
     out = {}
     for case in ("maml-5step", "maml-5step-checkpointed"):
-        res = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(steps)],
-                             capture_output=True, text=True, check=True)
-        out[case] = json.loads(res.stdout.strip().splitlines()[-1])
+        out[case] = run_case_process(case, steps)
     return out
 
 
-def _case_median(case: str, steps: int, allocator: str) -> float:
+def run_case_process(case: str, steps: int, precision: str = "fp32", allocator: str = "metalab") -> dict:
+    """:func:`run_case` in a fresh process (its peak memory and allocator setting its own)."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(steps),
-                          "--allocator", allocator], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+                          "--precision", precision, "--allocator", allocator], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def paired_ratios(algo: str, rounds: int, steps: int, log=print) -> list[float]:
@@ -250,7 +249,7 @@ def paired_ratios(algo: str, rounds: int, steps: int, log=print) -> list[float]:
     ratios = []
     for r in range(rounds):
         order = [(algo, "metalab"), (f"ref-{algo}", "system")]
-        times = {case: _case_median(case, steps, allocator) for case, allocator in (order if r % 2 == 0 else order[::-1])}
+        times = {case: run_case_process(case, steps, allocator=allocator)["median_s"] for case, allocator in (order if r % 2 == 0 else order[::-1])}
         ratios.append(times[f"ref-{algo}"] / times[algo])
         log(f"{algo} round {r}: metalab {times[algo]:.3f} s/step, reference as run {times[f'ref-{algo}']:.3f} s/step, "
             f"{ratios[-1]:.2f}x")
@@ -302,10 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         res: dict[tuple[str, str, str], dict] = {}
         for _ in range(args.rounds):  # arms alternate, so background load hits all alike
             for case, precision, allocator in arms:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(args.steps),
-                                      "--precision", precision, "--allocator", allocator], capture_output=True, text=True,
-                                     check=True)
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = run_case_process(case, args.steps, precision, allocator)
                 if (case, precision, allocator) not in res or r["median_s"] < res[case, precision, allocator]["median_s"]:
                     res[case, precision, allocator] = r
         as_run = res[ref, "fp32", "system"]
