@@ -227,3 +227,25 @@ def test_the_trainer_fuses_the_first_block_only_for_methods_that_differentiate_t
         cfg = RunConfig.from_dict({"train": {"algo": algo, "device": "cpu"}})
         model = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
         assert model.backbone.fused_first_block is fused, algo
+
+
+def test_fused_first_block_falls_back_without_numba_or_a_writable_cache(monkeypatch):
+    """Without numba conv4 keeps its own ops; where numba refuses ``cache=True`` (no writable
+    cache folder, raised when the function is decorated) the kernels compile per process."""
+    from metalab.models import first_block
+
+    x = channels_last(torch.rand(4, 1, 28, 28))
+    monkeypatch.setattr(first_block, "AVAILABLE", False)
+    assert not first_block.fusable(Conv4(1, 8, 28, "batch").blocks[0], x)
+    monkeypatch.setattr(first_block, "AVAILABLE", True)
+    asked = []
+
+    def fake_njit(**options):
+        asked.append(options.get("cache", False))
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return lambda fn: ("compiled", fn)
+
+    monkeypatch.setattr(first_block, "njit", fake_njit)
+    kernel = first_block._jit(len)
+    assert kernel == ("compiled", len) and asked == [True, False]
