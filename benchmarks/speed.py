@@ -5,6 +5,7 @@
     python -m benchmarks.speed --case maml         # one case (prints JSON; used internally)
     python -m benchmarks.speed --paired protonet anil --paired-rounds 6 --steps 8
                                                    # paired ratios against the reference as run
+    python -m benchmarks.speed --device cuda       # the same table on a GPU (both arms on it)
 
 Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
 second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
@@ -20,6 +21,11 @@ column gives metalab's fp32 step with ``train.task_threads: 1`` (its tasks one a
 of side by side on the cores, :mod:`metalab.algorithms.task_threads`). The reference is
 :mod:`benchmarks.reference_l2l` (learn2learn's clone()/adapt() loop, re-implemented because
 learn2learn cannot be installed beside torch 2.13 / Python 3.11).
+
+With ``--device cuda`` the batch, metalab and the reference all live on the GPU, each timed step
+ends with ``torch.cuda.synchronize()`` (kernels are asynchronous), and the memory columns are the
+peak of ``torch.cuda.max_memory_allocated`` during the timed steps instead of resident memory.
+Episode sampling stays on the CPU (that is where the sampler runs in training too).
 """
 
 from __future__ import annotations
@@ -41,20 +47,43 @@ from metalab.engine.precision import PRECISIONS
 TASKS, WAYS, SHOTS, QUERIES = 32, 5, 1, 15
 
 
-def _batch():
+def _batch(device: torch.device = torch.device("cpu")):
     from metalab.data import EpisodeSampler
     from metalab.data.omniglot import load_omniglot
 
-    return EpisodeSampler(load_omniglot(28), WAYS, SHOTS, QUERIES, TASKS, seed=0).sample(0)
+    return EpisodeSampler(load_omniglot(28), WAYS, SHOTS, QUERIES, TASKS, seed=0).sample(0).to(device)
 
 
-def _time(step, steps: int) -> list[float]:
+def _device(name: str) -> torch.device:
+    """``--device`` checked up front (the trainer's check), so that a missing GPU is one clear line."""
+    from metalab.engine.trainer import resolve_device
+    from metalab.errors import ConfigError
+
+    try:
+        device = resolve_device(name)
+    except ConfigError as exc:
+        raise SystemExit(f"--device: {exc}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda[:N] are benchmarked.")
+    return device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(step, steps: int, device: torch.device = torch.device("cpu")) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step`` after 3 warm-up calls; on a GPU each call
+    is timed to the end of its kernels."""
     for _ in range(3):
         step()
+    _sync(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -88,32 +117,32 @@ def _peak_rss() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "metalab") -> dict:
-    """One training case; ``allocator="metalab"`` applies the trainer's CPU allocator setting
-    (:mod:`metalab.engine.cpu_memory`), ``"system"`` leaves glibc's default (a learn2learn user's)."""
+def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "metalab", device: str = "cpu") -> dict:
+    """One training case on ``device``; ``allocator="metalab"`` applies the trainer's CPU allocator
+    setting (:mod:`metalab.engine.cpu_memory`), ``"system"`` leaves glibc's default (a learn2learn user's)."""
     from metalab.engine.cpu_memory import keep_freed_memory
     from metalab.engine.precision import training_precision
 
     if allocator == "metalab" and not keep_freed_memory():
         print("note: the allocator setting is not available here (not glibc)", file=sys.stderr)
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    batch = _batch()
+    dev = _device(device)
+    batch = _batch(dev)
     case, _, threads = case.partition("@")  # "protonet@1": train.task_threads = 1 (tasks one after another)
     if case.startswith("ref-"):
         from benchmarks import reference_l2l as ref
 
         algo = case[4:]
         if algo in ("maml", "fomaml"):
-            maml = ref.ReferenceMAML(ref.omniglot_cnn(WAYS), lr=0.4, first_order=algo == "fomaml")
+            maml = ref.ReferenceMAML(ref.omniglot_cnn(WAYS), lr=0.4, first_order=algo == "fomaml").to(dev)
             opt = torch.optim.Adam(maml.parameters(), 1e-3)
             ref_step = lambda: ref.meta_step(maml, opt, batch)  # noqa: E731
         elif algo == "protonet":
-            model = ref.omniglot_cnn(WAYS)[:-1]
+            model = ref.omniglot_cnn(WAYS)[:-1].to(dev)
             opt = torch.optim.Adam(model.parameters(), 1e-3)
             ref_step = lambda: ref.protonet_step(model, opt, batch)  # noqa: E731
         elif algo == "anil":
-            full = ref.omniglot_cnn(WAYS)
+            full = ref.omniglot_cnn(WAYS).to(dev)
             features, head = full[:-1], ref.ReferenceMAML(full[-1], lr=0.5)
             opt = torch.optim.Adam(list(features.parameters()) + list(head.parameters()), 1e-3)
             ref_step = lambda: ref.anil_step(features, head, opt, batch)  # noqa: E731
@@ -121,7 +150,7 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
             raise SystemExit(f"unknown case {case}")
 
         def step():  # a learn2learn user would wrap the loop in torch.autocast the same way
-            with training_precision(precision, cpu):
+            with training_precision(precision, dev):
                 ref_step()
     else:
         from metalab.engine import RunConfig
@@ -136,23 +165,29 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
                    "maml-5step": {"inner_lr": 0.4, "inner_steps": 5, **head},
                    "maml-5step-checkpointed": {"inner_lr": 0.4, "inner_steps": 5, "checkpoint_inner": True, **head}}[case]
         algo = "maml" if case.startswith("maml-5step") else case
-        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu",
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": device,
                                              "task_threads": int(threads) if threads else "auto"},
                                    "eval": {"settings": [[WAYS, SHOTS]]}})
-        algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
+        algorithm = build_model(cfg, (1, 28, 28), dev, {"task": "classification"})
         opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
 
         def step():  # exactly what MetaTrainer does per step
             opt.zero_grad(set_to_none=True)
-            with training_precision(precision, cpu):
+            with training_precision(precision, dev):
                 algorithm.meta_backward(algorithm.params(), batch)
             opt.step()
 
-    baseline = _reset_peak_rss()
-    times = _time(step, steps)
+    if dev.type == "cuda":  # "peak_rss_mb" is then the GPU's peak allocated memory, "step_rss_mb" the step's share
+        _sync(dev)
+        baseline = torch.cuda.memory_allocated(dev) / 2**20
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        baseline = _reset_peak_rss()
+    times = _time(step, steps, dev)
     median = statistics.median(times)
-    peak = _peak_rss()
-    return {"case": case + (f"@{threads}" if threads else ""), "precision": precision, "allocator": allocator, "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss()
+    return {"case": case + (f"@{threads}" if threads else ""), "precision": precision, "allocator": allocator,
+            "device": str(dev), "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
             "step_rss_mb": peak - baseline}
 
 
@@ -188,7 +223,7 @@ def sampling_rate(seconds: float = 3.0) -> dict:
     return out
 
 
-def adaptation_latency(repeats: int = 20) -> dict:
+def adaptation_latency(repeats: int = 20, device: torch.device = torch.device("cpu")) -> dict:
     """Milliseconds to adapt to a new 20-way 5-shot image task and predict 20×15 queries
     (median of ``repeats``): ProtoNet (prototypes) and MAML (10 SGD steps on all weights)."""
     from metalab.data import EpisodeSampler
@@ -196,21 +231,21 @@ def adaptation_latency(repeats: int = 20) -> dict:
     from metalab.engine import RunConfig
     from metalab.engine.trainer import build_model
 
-    batch = EpisodeSampler(load_omniglot(28), 20, 5, 15, tasks=1, seed=0).sample(0)
+    batch = EpisodeSampler(load_omniglot(28), 20, 5, 15, tasks=1, seed=0).sample(0).to(device)
     out = {}
     for algo, options in (("protonet", {}), ("maml", {"test_inner_steps": 10})):
-        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": "cpu"}})
-        algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"}).eval()
+        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": str(device)}})
+        algorithm = build_model(cfg, (1, 28, 28), device, {"task": "classification"}).eval()
         params = algorithm.params()
 
         def once():
             algorithm.adapt(params, batch.support_x[0], batch.support_y[0], 20).predict(batch.query_x[0])
 
-        out[algo] = 1000 * statistics.median(_time(once, repeats))
+        out[algo] = 1000 * statistics.median(_time(once, repeats, device))
     return out
 
 
-def text_latency(repeats: int = 20) -> dict:
+def text_latency(repeats: int = 20, device: torch.device = torch.device("cpu")) -> dict:
     """Milliseconds to adapt to a new 150-way 5-shot CLINC150 task from cached embeddings and
     predict one utterance (median of ``repeats``), per head; the first call encodes and caches."""
     from metalab.algorithms.frozen_heads import fit_head
@@ -220,36 +255,48 @@ def text_latency(repeats: int = 20) -> dict:
 
     source = embed_corpus(load_clinc150(), SentenceEncoder(layers=(4, 5, 6)), progress=False)
     support, _ = draw_support(source, 5, 0)
-    sx, sy, q = source.x[support], source.y[support], source.x[:1]
+    sx, sy, q = source.x[support].to(device), source.y[support].to(device), source.x[:1].to(device)
     out = {}
     for kind in ("prototypes", "ridge", "logistic"):
-        out[kind] = 1000 * statistics.median(_time(lambda: fit_head(kind, sx, sy, 150).scores(q), repeats))
+        out[kind] = 1000 * statistics.median(_time(lambda: fit_head(kind, sx, sy, 150).scores(q), repeats, device))
     return out
 
 
-def memory(steps: int) -> dict:
+def memory(steps: int, device: str = "cpu") -> dict:
     """Second-order MAML with 5 inner steps, with and without checkpointed inner steps."""
     out = {}
     for case in ("maml-5step", "maml-5step-checkpointed"):
-        out[case] = run_case_process(case, steps)
+        out[case] = run_case_process(case, steps, device=device)
     return out
 
 
-def run_case_process(case: str, steps: int, precision: str = "fp32", allocator: str = "metalab") -> dict:
+def run_case_process(case: str, steps: int, precision: str = "fp32", allocator: str = "metalab", device: str = "cpu") -> dict:
     """:func:`run_case` in a fresh process (its peak memory and allocator setting its own)."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--case", case, "--steps", str(steps),
-                          "--precision", precision, "--allocator", allocator], capture_output=True, text=True, check=True)
+                          "--precision", precision, "--allocator", allocator, "--device", device],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark case {case} ({precision}, {device}) failed:\n{out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def paired_ratios(algo: str, rounds: int, steps: int, log=print) -> list[float]:
+def _machine(device: torch.device) -> str:
+    """The machine line of the table: the CPU's architecture and threads, and the GPU's name."""
+    where = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where += f", GPU {torch.cuda.get_device_name(device)}"
+    return where
+
+
+def paired_ratios(algo: str, rounds: int, steps: int, log=print, device: str = "cpu") -> list[float]:
     """Speed-up of metalab (fp32) over the reference as run, one ratio per round of two back-to-back
     runs (order alternating), so that a slow or fast spell of the shared machine hits both arms
     of a ratio alike; the spread of the ratios is the run-to-run uncertainty of the figure."""
     ratios = []
     for r in range(rounds):
         order = [(algo, "metalab"), (f"ref-{algo}", "system")]
-        times = {case: run_case_process(case, steps, allocator=allocator)["median_s"] for case, allocator in (order if r % 2 == 0 else order[::-1])}
+        times = {case: run_case_process(case, steps, allocator=allocator, device=device)["median_s"]
+                 for case, allocator in (order if r % 2 == 0 else order[::-1])}
         ratios.append(times[f"ref-{algo}"] / times[algo])
         log(f"{algo} round {r}: metalab {times[algo]:.3f} s/step, reference as run {times[f'ref-{algo}']:.3f} s/step, "
             f"{ratios[-1]:.2f}x")
@@ -271,23 +318,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paired", nargs="*", metavar="ALGO",
                         help="only paired ratios against the reference as run for these algorithms (fp32)")
     parser.add_argument("--paired-rounds", type=int, default=6, help="with --paired: rounds per algorithm")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: where the batch, metalab and the reference run")
     args = parser.parse_args(argv)
+    device = _device(args.device)
     if args.case:
-        print(json.dumps(run_case(args.case, args.steps, args.precision, args.allocator)))
+        print(json.dumps(run_case(args.case, args.steps, args.precision, args.allocator, args.device)))
         return
+    where = _machine(device)
     if args.paired:
-        print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        print(f"machine: {where}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}; paired rounds, median of {args.steps} steps after 3 warm-up per run")
         for algo in args.paired:
-            ratios = paired_ratios(algo, args.paired_rounds, args.steps)
+            ratios = paired_ratios(algo, args.paired_rounds, args.steps, device=args.device)
             print(f"{algo}: speed-up against the reference as run, median of {len(ratios)} paired rounds "
                   f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, max {max(ratios):.2f}x)", flush=True)
         return
     from metalab.engine.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # as in every metalab training case: the in-process figures below get it too
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"machine: {where}, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}; conv4 28x28, {WAYS}w{SHOTS}s {QUERIES}q, meta-batch {TASKS}, 1 inner step")
+    if device.type == "cuda":
+        print("GPU: the MB columns are peak allocated GPU memory during the timed steps; the allocator setting is CPU-only")
     print("reference as run: fp32, glibc's default allocator (a learn2learn user's setup); reference, same settings: "
           "the row's precision and metalab's allocator setting (the speed-up that is the methods' own)")
     print(f"{'algorithm':10s} {'precision':>9s} {'metalab s/step':>15s} {'ref as run':>11s} {'speed-up':>9s} "
@@ -301,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         res: dict[tuple[str, str, str], dict] = {}
         for _ in range(args.rounds):  # arms alternate, so background load hits all alike
             for case, precision, allocator in arms:
-                r = run_case_process(case, args.steps, precision, allocator)
+                r = run_case_process(case, args.steps, precision, allocator, args.device)
                 if (case, precision, allocator) not in res or r["median_s"] < res[case, precision, allocator]["median_s"]:
                     res[case, precision, allocator] = r
         as_run = res[ref, "fp32", "system"]
@@ -312,17 +364,18 @@ def main(argv: list[str] | None = None) -> None:
                   f"{ours['tasks_per_s']:16.1f} {ours['peak_rss_mb']:11.0f} {same['peak_rss_mb']:13.0f} "
                   + (f"{res[f'{algo}@1', 'fp32', 'metalab']['median_s']:13.3f} s ({res[f'{algo}@1', 'fp32', 'metalab']['peak_rss_mb']:.0f} MB)"
                      if precision == "fp32" else ""), flush=True)
-    lat = adaptation_latency()
+    lat = adaptation_latency(device=device)
     print(f"adapt + predict, new 20-way 5-shot image task (300 queries): protonet {lat['protonet']:.1f} ms, "
           f"maml (10 steps) {lat['maml']:.1f} ms")
-    t = text_latency()
+    t = text_latency(device=device)
     print("adapt + predict, new 150-way 5-shot text task from cached embeddings (CLINC150, MiniLM layers 4-6): "
           + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items()))
-    m = memory(max(5, args.steps // 4))
+    m = memory(max(5, args.steps // 4), args.device)
     plain, ckpt = m["maml-5step"], m["maml-5step-checkpointed"]
-    print(f"2nd-order MAML, 5 inner steps, meta-batch {TASKS}: {plain['median_s']:.3f} s/step, peak RSS {plain['peak_rss_mb']:.0f} MB "
+    peak = "peak GPU memory" if device.type == "cuda" else "peak RSS"
+    print(f"2nd-order MAML, 5 inner steps, meta-batch {TASKS}: {plain['median_s']:.3f} s/step, {peak} {plain['peak_rss_mb']:.0f} MB "
           f"(+{plain['step_rss_mb']:.0f} MB for the step); checkpointed inner steps: {ckpt['median_s']:.3f} s/step, "
-          f"peak RSS {ckpt['peak_rss_mb']:.0f} MB (+{ckpt['step_rss_mb']:.0f} MB)")
+          f"{peak} {ckpt['peak_rss_mb']:.0f} MB (+{ckpt['step_rss_mb']:.0f} MB)")
     s = sampling_rate()
     print(f"episode sampling (Omniglot 5w1s15q, float images gathered): metalab {s[f'metalab_eps_{TASKS}']:,.0f} "
           f"episodes/s at {TASKS} tasks per call ({s['metalab_eps_256']:,.0f} at 256), per-item reference "
