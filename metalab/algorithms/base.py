@@ -55,9 +55,6 @@ class Algorithm(nn.Module):
 
     name = "algorithm"
     frozen_features = False
-    #: whether training back-propagates through the backbone only once per step (no gradients of
-    #: gradients through it), which lets conv4 fuse its first block (:mod:`metalab.models.first_block`)
-    first_order_backbone = False
     #: per-task training loops on CPU: worker threads, one task per core ('auto'), or a number
     #: (1: one task after another); see :mod:`metalab.algorithms.task_threads`
     task_threads: int | str = "auto"
@@ -151,7 +148,6 @@ class FeatureHeadAlgorithm(Algorithm):
     frozen_features = True
     #: batch statistics are per task: under ``torchrun`` they need no synchronisation
     per_task_norm = True
-    first_order_backbone = True
 
     def encode_episodes(self, params, batch: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
         """Support and query features ``[T, N*K, D]``, ``[T, N*Q, D]``."""

@@ -171,8 +171,8 @@ class Conv4(nn.Module):
     Fast paths, same numbers: when the first block normalises by batch statistics, its conv and
     norm run as one convolution (:func:`folded_conv_norm`); with ``channels_last = True`` (set on
     CPU by the trainer) inputs get channels-last strides, which the convolutions then keep; with
-    ``fused_first_block = True`` too (set by the trainer for methods that differentiate the
-    backbone once) a one-channel first block runs as one compiled kernel
+    ``fused_first_block = True`` too (set by the trainer on CPU) a one-channel first block runs
+    as one compiled kernel
     (:mod:`metalab.models.first_block`).
     """
 

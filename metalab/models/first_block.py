@@ -21,8 +21,9 @@ parallel):
 
 Same function as conv → norm → max-pool → ReLU (ties go to the first window position, as in
 PyTorch's max-pool; float32 sums in another order). Its backward is differentiable again through
-plain tensor ops (used when a caller asks for second-order gradients), so every order of
-gradient is right, but the MAML family keeps the unfused path (:attr:`Conv4.fused_first_block`).
+plain tensor ops (used when a caller asks for second-order gradients, as MAML's inner loop
+does), so every order of gradient is right; the trainer turns it on for every method on CPU
+(:attr:`Conv4.fused_first_block`).
 """
 
 from __future__ import annotations
