@@ -6,6 +6,7 @@
     python -m benchmarks.speed --paired protonet anil --paired-rounds 6 --steps 8
                                                    # paired ratios against the reference as run
     python -m benchmarks.speed --device cuda       # the same table on a GPU (both arms on it)
+    python -m benchmarks.speed --fused-ab maml fomaml   # metalab with / without conv4's compiled first block
 
 Meta-training step time (median over ``--steps`` steps after 3 warm-up steps) and tasks/s for
 second-order MAML, first-order MAML, ANIL and ProtoNet on Omniglot-sized inputs (conv4, 28×28,
@@ -280,6 +281,41 @@ def run_case_process(case: str, steps: int, precision: str = "fp32", allocator: 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def fused_block_ab(algo: str, rounds: int = 6, steps: int = 4) -> tuple[float, float]:
+    """Median s/step of metalab's ``algo`` (the speed table's configuration) with and without
+    conv4's compiled first block (:mod:`metalab.models.first_block`), in one process, alternating
+    which goes first each round (2 warm-up and ``steps`` timed steps per arm and round)."""
+    from metalab.engine import RunConfig
+    from metalab.engine.cpu_memory import keep_freed_memory
+    from metalab.engine.trainer import build_model
+
+    keep_freed_memory()
+    head = {"head": "per-class", "head_ways": WAYS} if algo in ("maml", "fomaml") else {}
+    inner = {"protonet": {}, "anil": {"inner_lr": 0.5, "inner_steps": 1}}.get(algo, {"inner_lr": 0.4, "inner_steps": 1})
+    cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": {**inner, **head}, "device": "cpu"},
+                               "eval": {"settings": [[WAYS, SHOTS]]}})
+    algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
+    opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
+    batch = _batch()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        algorithm.meta_backward(algorithm.params(), batch)
+        opt.step()
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for fused in ((True, False) if r % 2 == 0 else (False, True)):
+            algorithm.backbone.fused_first_block = fused
+            for _ in range(2):
+                step()
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                times[fused].append(time.perf_counter() - start)
+    return statistics.median(times[True]), statistics.median(times[False])
+
+
 def _machine(device: torch.device) -> str:
     """The machine line of the table: the CPU's architecture and threads, and the GPU's name."""
     where = f"{platform.machine()}, {torch.get_num_threads()} threads"
@@ -318,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paired", nargs="*", metavar="ALGO",
                         help="only paired ratios against the reference as run for these algorithms (fp32)")
     parser.add_argument("--paired-rounds", type=int, default=6, help="with --paired: rounds per algorithm")
+    parser.add_argument("--fused-ab", nargs="*", metavar="ALGO",
+                        help="only metalab with and without conv4's compiled first block (CPU, fp32), alternating in one process")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: where the batch, metalab and the reference run")
     args = parser.parse_args(argv)
     device = _device(args.device)
@@ -325,6 +363,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_case(args.case, args.steps, args.precision, args.allocator, args.device)))
         return
     where = _machine(device)
+    if args.fused_ab:
+        print(f"machine: {where}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
+              f"compiled first block on / off, 6 alternating rounds of 4 steps")
+        for algo in args.fused_ab:
+            on, off = fused_block_ab(algo)
+            print(f"{algo}: compiled first block {on:.3f} s/step, conv4's ops {off:.3f} s/step, {off / on:.2f}x", flush=True)
+        return
     if args.paired:
         print(f"machine: {where}, torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d %H:%M')}; paired rounds, median of {args.steps} steps after 3 warm-up per run")
