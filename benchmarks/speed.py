@@ -154,22 +154,7 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
             with training_precision(precision, dev):
                 ref_step()
     else:
-        from metalab.engine import RunConfig
-        from metalab.engine.trainer import build_model
-
-        # MAML and FOMAML with the reference's head (a Linear(64, 5) per class): the configuration whose
-        # accuracy equals the reference's (benchmarks.maml_accuracy --head per-class); the default
-        # shared-row head costs the same per step
-        head = {"head": "per-class", "head_ways": WAYS}
-        options = {"maml": {"inner_lr": 0.4, "inner_steps": 1, **head}, "fomaml": {"inner_lr": 0.4, "inner_steps": 1, **head},
-                   "anil": {"inner_lr": 0.5, "inner_steps": 1}, "protonet": {},
-                   "maml-5step": {"inner_lr": 0.4, "inner_steps": 5, **head},
-                   "maml-5step-checkpointed": {"inner_lr": 0.4, "inner_steps": 5, "checkpoint_inner": True, **head}}[case]
-        algo = "maml" if case.startswith("maml-5step") else case
-        cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options, "device": device,
-                                             "task_threads": int(threads) if threads else "auto"},
-                                   "eval": {"settings": [[WAYS, SHOTS]]}})
-        algorithm = build_model(cfg, (1, 28, 28), dev, {"task": "classification"})
+        algorithm = _metalab_algorithm(case, dev, threads)
         opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
 
         def step():  # exactly what MetaTrainer does per step
@@ -190,6 +175,29 @@ def run_case(case: str, steps: int, precision: str = "fp32", allocator: str = "m
     return {"case": case + (f"@{threads}" if threads else ""), "precision": precision, "allocator": allocator,
             "device": str(dev), "median_s": median, "tasks_per_s": TASKS / median, "peak_rss_mb": peak,
             "step_rss_mb": peak - baseline}
+
+
+def _metalab_algorithm(case: str, device: torch.device, threads: str = ""):
+    """metalab's model for a training case, built as the trainer builds it (``threads``: a
+    ``train.task_threads`` number, or ``""`` for ``auto``)."""
+    from metalab.engine import RunConfig
+    from metalab.engine.trainer import build_model
+
+    # MAML and FOMAML with the reference's head (a Linear(64, 5) per class): the configuration whose
+    # accuracy equals the reference's (benchmarks.maml_accuracy --head per-class); the default
+    # shared-row head costs the same per step
+    head = {"head": "per-class", "head_ways": WAYS}
+    options = {"maml": {"inner_lr": 0.4, "inner_steps": 1, **head}, "fomaml": {"inner_lr": 0.4, "inner_steps": 1, **head},
+               "anil": {"inner_lr": 0.5, "inner_steps": 1}, "protonet": {},
+               "maml-5step": {"inner_lr": 0.4, "inner_steps": 5, **head},
+               "maml-5step-checkpointed": {"inner_lr": 0.4, "inner_steps": 5, "checkpoint_inner": True, **head}}
+    if case not in options:
+        raise SystemExit(f"unknown case {case}; choose one of: {', '.join(options)}")
+    algo = "maml" if case.startswith("maml-5step") else case
+    cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": options[case], "device": str(device),
+                                         "task_threads": int(threads) if threads else "auto"},
+                               "eval": {"settings": [[WAYS, SHOTS]]}})
+    return build_model(cfg, (1, 28, 28), device, {"task": "classification"})
 
 
 def sampling_rate(seconds: float = 3.0) -> dict:
@@ -285,16 +293,10 @@ def fused_block_ab(algo: str, rounds: int = 6, steps: int = 4) -> tuple[float, f
     """Median s/step of metalab's ``algo`` (the speed table's configuration) with and without
     conv4's compiled first block (:mod:`metalab.models.first_block`), in one process, alternating
     which goes first each round (2 warm-up and ``steps`` timed steps per arm and round)."""
-    from metalab.engine import RunConfig
     from metalab.engine.cpu_memory import keep_freed_memory
-    from metalab.engine.trainer import build_model
 
     keep_freed_memory()
-    head = {"head": "per-class", "head_ways": WAYS} if algo in ("maml", "fomaml") else {}
-    inner = {"protonet": {}, "anil": {"inner_lr": 0.5, "inner_steps": 1}}.get(algo, {"inner_lr": 0.4, "inner_steps": 1})
-    cfg = RunConfig.from_dict({"train": {"algo": algo, "algo_options": {**inner, **head}, "device": "cpu"},
-                               "eval": {"settings": [[WAYS, SHOTS]]}})
-    algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), {"task": "classification"})
+    algorithm = _metalab_algorithm(algo, torch.device("cpu"))
     opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
     batch = _batch()
 
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="only paired ratios against the reference as run for these algorithms (fp32)")
     parser.add_argument("--paired-rounds", type=int, default=6, help="with --paired: rounds per algorithm")
     parser.add_argument("--fused-ab", nargs="*", metavar="ALGO",
-                        help="only metalab with and without conv4's compiled first block (CPU, fp32), alternating in one process")
+                        help="only metalab with and without conv4's compiled first block (CPU, fp32), alternating in one process; ALGO: maml, fomaml, anil or protonet")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: where the batch, metalab and the reference run")
     args = parser.parse_args(argv)
     device = _device(args.device)
