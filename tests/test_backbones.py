@@ -231,15 +231,19 @@ def test_the_trainer_fuses_the_first_block_on_cpu_unless_asked_for_contiguous_la
 
 
 @pytest.mark.parametrize("algo", ["fomaml", "reptile", "maml", "metasgd"])
-def test_maml_family_meta_gradients_are_the_same_with_the_fused_block(algo, omniglot):
+def test_maml_family_meta_gradients_are_the_same_with_the_fused_block(algo, omniglot, monkeypatch):
     """The MAML family trains through the fused first block (adapted, non-leaf weights, two inner
     steps; second order through its differentiable backward for MAML and Meta-SGD): the
     meta-gradients are conv4's own to float32 round-off."""
     from metalab.data import EpisodeSampler
     from metalab.engine import RunConfig
     from metalab.engine.trainer import build_model
+    from metalab.models import backbones
 
     pytest.importorskip("numba")
+    calls = []
+    compiled = backbones.conv_norm_pool_relu
+    monkeypatch.setattr(backbones, "conv_norm_pool_relu", lambda *a: calls.append(1) or compiled(*a))
     batch = EpisodeSampler(omniglot, 5, 1, 3, tasks=3, seed=0).sample(0)
     cfg = RunConfig.from_dict({"train": {"algo": algo, "device": "cpu", "hidden": 16, "task_threads": 1,
                                          "algo_options": {"inner_steps": 2, "inner_lr": 0.3}}})
@@ -248,7 +252,9 @@ def test_maml_family_meta_gradients_are_the_same_with_the_fused_block(algo, omni
     for fused in (True, False):
         model.backbone.fused_first_block = fused
         model.zero_grad(set_to_none=True)
+        calls.clear()
         model.meta_backward(model.params(), batch)
+        assert bool(calls) is fused  # the compiled block ran in the first arm only (one call per pass)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, g in grads[1].items():
