@@ -24,7 +24,9 @@ def finetune_encoder(encoder: SentenceEncoder, texts: Sequence[str], labels: tor
                      epochs: int = 6, lr: float = 3e-5, head_lr: float = 1e-2, batch_size: int = 32,
                      scale: float = 20.0, seed: int = 0, progress: bool = True) -> SentenceEncoder:
     """A copy of ``encoder`` fine-tuned on ``texts`` / ``labels [S]`` (``range(ways)``); the
-    original is untouched. Its ``model_id`` gains a suffix so cached embeddings never mix."""
+    original is untouched. Its ``model_id`` gains a suffix so cached embeddings never mix.
+    ``seed`` fixes the batch order and dropout, so the same call gives the same weights (on one
+    machine and thread count); the caller's global random state is left as it was."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(texts) != len(labels) or len(texts) == 0:
         raise ConfigError(f"Fine-tuning needs one label per text; got {len(texts)} texts and {len(labels)} labels.")
@@ -45,7 +47,10 @@ def finetune_encoder(encoder: SentenceEncoder, texts: Sequence[str], labels: tor
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total))
     model.train()
-    with progress_bar("fine-tuning encoder", total, enabled=progress) as bar:
+    # dropout draws from the global generator: seed it here, and give the caller's state back afterwards
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            progress_bar("fine-tuning encoder", total, enabled=progress) as bar:
+        torch.manual_seed(seed)
         for _ in range(epochs):
             order = torch.randperm(len(texts), generator=g)
             for start_i in range(0, len(texts), batch_size):
