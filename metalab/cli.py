@@ -259,6 +259,8 @@ def adapt(
     oos_threshold: Optional[float] = typer.Option(None, help="Reject as out-of-scope when the top logit is below this (default: the threshold fitted in the run's evaluation, for --head algorithm only)."),
     text_column: str = typer.Option("text"),
     label_column: str = typer.Option("label"),
+    names_as_examples: bool = typer.Option(False, "--names-as-examples", help="Text: add each label (underscores as spaces) as one more example of itself; helps when labels are words."),
+    lexical_weight: float = typer.Option(0.0, min=0.0, help="Text: add this weight times a TF-IDF n-gram classifier's log-probabilities, fitted on the support texts (0.1 is a good start; 0 = off)."),
 ) -> None:
     """Adapt a trained run to a few labelled examples; writes an adapter file for `metalab predict`."""
     import time as _time
@@ -267,11 +269,13 @@ def adapt(
 
     threshold = oos_threshold if oos_threshold is not None else default_threshold(run, head)
     start = _time.perf_counter()
-    adapter = adapt_from_file(run, support, head, threshold, text_column=text_column, label_column=label_column)
+    adapter = adapt_from_file(run, support, head, threshold, text_column=text_column, label_column=label_column,
+                              names_as_examples=names_as_examples, lexical_weight=lexical_weight)
     path = adapter.save(out)
     console.print(f"adapted to {len(adapter.labels)} labels from {len(adapter.support_y)} examples in "
                   f"{_time.perf_counter() - start:.2f} s (head: {head}; out-of-scope threshold: "
-                  f"{'none' if threshold is None else f'{threshold:.3f}'}); adapter: {path}")
+                  f"{'none' if threshold is None else f'{threshold:.3f}'}"
+                  f"{f'; lexical weight {lexical_weight}' if lexical_weight else ''}); adapter: {path}")
 
 
 @app.command()

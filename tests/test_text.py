@@ -226,16 +226,22 @@ def test_text_run_adapt_predict_end_to_end(tiny_encoder_dir, tmp_path):
     assert out.returncode == 0 and "encoding" not in out.stdout + out.stderr
 
 
-def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
-    from metalab.engine.adapter import Adapter, adapt_from_file
+def train_tiny_text_run(encoder_dir, run_dir):
+    """A 5-step ProtoNet run on the intents CSV with the tiny encoder (for adapter tests)."""
     from metalab.engine import MetaTrainer, RunConfig
 
-    data = write_csv(tmp_path / "intents.csv", intent_rows())
-    cfg = RunConfig.from_dict({"data": {"source": str(data), "encoder": str(tiny_encoder_dir), "encoder_layers": None,
+    data = write_csv(run_dir.parent / "intents.csv", intent_rows())
+    cfg = RunConfig.from_dict({"data": {"source": str(data), "encoder": str(encoder_dir), "encoder_layers": None,
                                         "test_domains": ["fun"], "val_fraction": 0.25},
                                "train": {"algo": "protonet", "ways": 2, "shots": 1, "queries": 2, "steps": 5,
                                          "val_every": 100}})
-    MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).train()
+    MetaTrainer(cfg, run_dir, show_progress=False, log=lambda m: None).train()
+
+
+def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
+    from metalab.engine.adapter import Adapter, adapt_from_file
+
+    train_tiny_text_run(tiny_encoder_dir, tmp_path / "run")
     support = write_csv(tmp_path / "s.csv", [(t, l) for t, l, _ in intent_rows()[:12]], "text,label")
     for head in ("algorithm", "logistic", "prototypes", "ridge"):
         adapter = adapt_from_file(tmp_path / "run", support, head=head, threshold=0.5)
@@ -253,6 +259,37 @@ def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
     with pytest.raises(Exception, match="is damaged or not an adapter"):
         (tmp_path / "bad.safetensors").write_bytes(b"nope")
         Adapter.load(tmp_path / "bad.safetensors")
+
+
+def test_adapter_with_label_names_and_a_lexical_weight(tiny_encoder_dir, tmp_path):
+    from metalab.engine.adapter import Adapter, adapt_from_file
+
+    train_tiny_text_run(tiny_encoder_dir, tmp_path / "run")
+    rows = intent_rows()
+    support = write_csv(tmp_path / "s.csv", [(t, l) for i, (t, l, _) in enumerate(rows) if i % 6 < 3], "text,label")
+    held = [(t, l) for i, (t, l, _) in enumerate(rows) if i % 6 >= 3]
+
+    accuracy = lambda a: sum(p.label == l for p, (_, l) in zip(a.predict([t for t, _ in held]), held)) / len(held)  # noqa: E731
+    plain = adapt_from_file(tmp_path / "run", support, head="logistic")
+    names_only = adapt_from_file(tmp_path / "run", support, head="logistic", names_as_examples=True)
+    lexical_only = adapt_from_file(tmp_path / "run", support, head="logistic", lexical_weight=1.0)
+    named = adapt_from_file(tmp_path / "run", support, head="logistic", names_as_examples=True, lexical_weight=2.0)
+    assert len(named.support_y) == len(plain.support_y) + 6 and named.support_texts[-6:] == sorted(INTENTS)
+    # the random tiny encoder barely separates intents (0.50 here); the labels' own words and the
+    # lexical classifier's n-grams each help (0.61, 0.83; both 1.00)
+    assert accuracy(names_only) > accuracy(plain)
+    assert accuracy(lexical_only) > accuracy(plain) + 0.2, (accuracy(plain), accuracy(lexical_only))
+    assert accuracy(named) > accuracy(plain) + 0.2
+    named.save(tmp_path / "named.safetensors")
+    again = Adapter.load(tmp_path / "named.safetensors")
+    assert again.lexical_weight == 2.0 and again.support_texts == named.support_texts
+    texts = [t for t, _ in held[:4]]
+    assert [p.scores for p in again.predict(texts)] == [p.scores for p in named.predict(texts)]
+
+    with pytest.raises(ConfigError, match="must be 0 or more"):
+        Adapter(tmp_path / "run", plain.support_x, plain.support_y, plain.labels, lexical_weight=-1.0)
+    with pytest.raises(ConfigError, match="needs the support texts"):
+        Adapter(tmp_path / "run", plain.support_x, plain.support_y, plain.labels, lexical_weight=0.1)
 
 
 def test_bad_support_file_is_one_clear_line(tiny_encoder_dir, tmp_path):
@@ -303,3 +340,58 @@ def test_finetuning_the_encoder_separates_its_classes_and_leaves_the_original(ti
     assert all(torch.equal(before_state[k], v) for k, v in enc.model.state_dict().items())  # original untouched
     head = fit_head("logistic", tuned.encode(texts), y, 6)
     assert (head.scores(tuned.encode(qtexts)).argmax(1) == qy).float().mean() > 1 / 6 + 0.2  # beyond chance on unseen texts
+
+
+def test_finetuning_is_fixed_by_its_seed_and_leaves_the_callers_random_state(tiny_encoder_dir):
+    from metalab.models.text_finetune import finetune_encoder
+
+    enc = SentenceEncoder(tiny_encoder_dir)
+    rows = intent_rows()
+    names = sorted(INTENTS)
+    texts, y = [t for t, _, _ in rows], torch.tensor([names.index(l) for _, l, _ in rows])
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = finetune_encoder(enc, texts, y, 6, epochs=2, lr=1e-3, batch_size=8, seed=3, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout's draws came from a forked generator
+    b = finetune_encoder(enc, texts, y, 6, epochs=2, lr=1e-3, batch_size=8, seed=3, progress=False)
+    c = finetune_encoder(enc, texts, y, 6, epochs=2, lr=1e-3, batch_size=8, seed=4, progress=False)
+    sa, sb, sc = (m.model.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_the_lexical_classifier_learns_word_cues_from_the_support_only():
+    from metalab.models.text_lexical import LexicalClassifier, combine_log_probs
+
+    rows = intent_rows()
+    names = sorted(INTENTS)
+    support = [(t, names.index(l)) for i, (t, l, _) in enumerate(rows) if i % 6 < 4]
+    held = [(t, names.index(l)) for i, (t, l, _) in enumerate(rows) if i % 6 >= 4]
+    lexical = LexicalClassifier().fit([t for t, _ in support], torch.tensor([l for _, l in support]), 6)
+    log_p = lexical.log_probs([t for t, _ in held])
+    assert log_p.shape == (len(held), 6)
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(len(held)), atol=1e-5)
+    # the held-out texts share words with their class's support ("alarm", "play", "money"...)
+    accuracy = (log_p.argmax(-1) == torch.tensor([l for _, l in held])).float().mean().item()
+    assert accuracy > 1 / 6 + 0.3, accuracy
+    # a class with no support example gets no probability; weight 0 leaves the embedding scores alone
+    partial = LexicalClassifier().fit(["play jazz", "rain today"], torch.tensor([0, 2]), 3).log_probs(["play rock"])
+    assert partial[0, 1] < -1e3 and partial[0, 0] > partial[0, 2]
+    embedding = torch.randn(1, 3).log_softmax(-1)
+    assert torch.equal(combine_log_probs(embedding, partial, 0.0), embedding)
+    assert combine_log_probs(embedding, partial, 1.0).argmax(-1).item() == 0
+
+
+def test_the_lexical_classifier_names_its_misuse():
+    from metalab.models.text_lexical import LexicalClassifier, combine_log_probs
+
+    with pytest.raises(ConfigError, match="c must be positive"):
+        LexicalClassifier(c=0)
+    with pytest.raises(ConfigError, match="one label per text"):
+        LexicalClassifier().fit(["a b", "c d"], torch.tensor([0]), 2)
+    with pytest.raises(ConfigError, match=r"Labels must lie in 0\.\.1"):
+        LexicalClassifier().fit(["a b", "c d"], torch.tensor([0, 2]), 2)
+    with pytest.raises(ConfigError, match="before fit"):
+        LexicalClassifier().log_probs(["a"])
+    with pytest.raises(ConfigError, match="Cannot combine"):
+        combine_log_probs(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)

@@ -5,6 +5,10 @@ embeddings for text, images for image runs), their labels and names, which head 
 out-of-scope threshold. Loading it re-runs ``adapt`` on the stored support (milliseconds), so an
 adapter works for every algorithm — prototypes, fitted heads, MAML's adapted weights — and two
 loads give identical predictions.
+
+Text adapters may also keep the support *texts* and add a lexical classifier's log-probabilities
+(TF-IDF n-grams fitted on those texts, :mod:`metalab.models.text_lexical`) with a small weight;
+the out-of-scope test stays on the head's own top logit.
 """
 
 from __future__ import annotations
@@ -39,10 +43,15 @@ class Adapter:
 
     def __init__(self, run_dir: str | Path, support_x: torch.Tensor, support_y: torch.Tensor, labels: list[str],
                  head: str = "algorithm", threshold: float | None = None, device: str = "cpu",
-                 loaded: tuple | None = None) -> None:
-        """``loaded``: the run's ``(config, algorithm)`` already in memory (a server holding many adapters)."""
+                 loaded: tuple | None = None, support_texts: Sequence[str] | None = None,
+                 lexical_weight: float = 0.0) -> None:
+        """``loaded``: the run's ``(config, algorithm)`` already in memory (a server holding many adapters).
+        ``lexical_weight`` > 0 (text runs, with ``support_texts``, one per support example) adds
+        that weight times a lexical classifier's log-probabilities to the head's."""
         if head not in HEAD_CHOICES:
             raise ConfigError(f"Unknown head '{head}'; choose one of: {', '.join(HEAD_CHOICES)}.")
+        if not lexical_weight >= 0:
+            raise ConfigError(f"The lexical weight must be 0 or more; got {lexical_weight}.")
         self.run_dir, self.head, self.threshold, self.labels = Path(run_dir), head, threshold, list(labels)
         self.support_x, self.support_y = support_x, support_y
         self.config, self.algorithm = loaded if loaded is not None else load_trained(run_dir, device)[:2]
@@ -51,6 +60,17 @@ class Adapter:
         self.text = is_text_spec(self.config.data.source)
         self._encoder = None
         self._scorer = self._fit()
+        self.support_texts = list(support_texts) if support_texts is not None else None
+        self.lexical_weight, self._lexical = float(lexical_weight), None
+        if self.lexical_weight > 0:
+            if not self.text:
+                raise ConfigError("A lexical weight applies to text runs only; leave it at 0 for image runs.")
+            if self.support_texts is None or len(self.support_texts) != len(support_y):
+                raise ConfigError("A lexical weight needs the support texts, one per support example; "
+                                  "create the adapter from a text file with `metalab adapt`.")
+            from metalab.models.text_lexical import LexicalClassifier
+
+            self._lexical = LexicalClassifier().fit(self.support_texts, support_y, len(self.labels))
 
     def _fit(self):
         params = self.algorithm.params()
@@ -77,10 +97,16 @@ class Adapter:
         return encode_texts(self.encoder(), list(texts), progress=False)
 
     @torch.no_grad()
-    def predict_inputs(self, x: torch.Tensor) -> list[Prediction]:
-        """Already-encoded inputs ``[B, ...]`` (embeddings, or images) → one prediction each."""
+    def predict_inputs(self, x: torch.Tensor, texts: Sequence[str] | None = None) -> list[Prediction]:
+        """Already-encoded inputs ``[B, ...]`` (embeddings, or images) → one prediction each.
+        ``texts`` (the ``B`` texts behind ``x``) let an adapter with a lexical weight use it."""
         logits = self._scorer(self._prepare(x.to(self.device))).cpu()
-        probs = logits.softmax(-1)
+        if self._lexical is not None and texts is not None:
+            from metalab.models.text_lexical import combine_log_probs
+
+            probs = combine_log_probs(logits.log_softmax(-1), self._lexical.log_probs(texts), self.lexical_weight).softmax(-1)
+        else:
+            probs = logits.softmax(-1)
         out = []
         for row, top in zip(probs, confidence(logits)):
             best = int(row.argmax())
@@ -93,7 +119,7 @@ class Adapter:
         if self.text:
             if isinstance(inputs, torch.Tensor):
                 raise DataError("This adapter belongs to a text run; pass strings.")
-            return self.predict_inputs(self.embed(inputs))
+            return self.predict_inputs(self.embed(inputs), list(inputs))
         return self.predict_inputs(torch.as_tensor(inputs))
 
     def save(self, path: str | Path) -> Path:
@@ -101,6 +127,8 @@ class Adapter:
         meta = {"format": "metalab-adapter/1", "run": str(self.run_dir.resolve()), "labels": self.labels,
                 "head": self.head, "threshold": self.threshold, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "modality": "text" if self.text else "image"}
+        if self._lexical is not None:
+            meta.update(support_texts=self.support_texts, lexical_weight=self.lexical_weight)
         save_tensors_atomic(path, {"support_x": self.support_x.contiguous(), "support_y": self.support_y}, meta)
         return path
 
@@ -116,7 +144,8 @@ class Adapter:
         if meta.get("format") != "metalab-adapter/1":
             raise CheckpointError(f"File '{path}' is not a metalab adapter (format {meta.get('format')!r}).")
         return cls(meta["run"], tensors["support_x"], tensors["support_y"], meta["labels"], meta["head"],
-                   meta["threshold"], device)
+                   meta["threshold"], device, support_texts=meta.get("support_texts"),
+                   lexical_weight=meta.get("lexical_weight", 0.0))
 
 
 def run_encoder(config):
@@ -146,9 +175,14 @@ def default_threshold(run_dir: str | Path, head: str = "algorithm") -> float | N
 
 
 def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algorithm", threshold: float | None = None,
-                    device: str = "cpu", text_column: str = "text", label_column: str = "label") -> Adapter:
+                    device: str = "cpu", text_column: str = "text", label_column: str = "label",
+                    names_as_examples: bool = False, lexical_weight: float = 0.0) -> Adapter:
     """An adapter from a support file: a text ``.csv`` / ``.jsonl`` of ``text,label`` for text runs,
-    an image folder ``root/<label>/*.png`` for image runs."""
+    an image folder ``root/<label>/*.png`` for image runs.
+
+    Text runs only: ``names_as_examples`` adds each label, underscores read as spaces, as one more
+    example of itself (worth +1.3 points on CLINC150 at 5 shots, when labels are words);
+    ``lexical_weight`` > 0 keeps the support texts and adds a lexical classifier (+0.4 there at 0.1)."""
     from metalab.engine.run import RunFolder
 
     config = RunFolder.open(run_dir).config()
@@ -157,11 +191,18 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         from metalab.models.text_encoder import encode_texts
 
         corpus = load_text_table(support, text_column, label_column, domain_column=None, min_per_class=1)
+        texts, y = list(corpus.texts), corpus.y
+        if names_as_examples:
+            texts += [name.replace("_", " ") for name in corpus.class_names]
+            y = torch.cat([y, torch.arange(len(corpus.class_names))])
         encoder = run_encoder(config)
-        x = encode_texts(encoder, corpus.texts, progress=False)
-        adapter = Adapter(run_dir, x, corpus.y, corpus.class_names, head, threshold, device)
+        x = encode_texts(encoder, texts, progress=False)
+        adapter = Adapter(run_dir, x, y, corpus.class_names, head, threshold, device, support_texts=texts,
+                          lexical_weight=lexical_weight)
         adapter._encoder = encoder
         return adapter
+    if names_as_examples or lexical_weight:
+        raise ConfigError("--names-as-examples and --lexical-weight apply to text runs only; this run is an image run.")
     if not support.is_dir():
         raise DataError(f"Support '{support}' must be an image folder root/<label>/*.png for this image run.")
     from metalab.data.folders import load_image_folder
