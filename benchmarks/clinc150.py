@@ -1,12 +1,17 @@
 """CLINC150 few-shot intent classification with the frozen (and fine-tuned) all-MiniLM-L6-v2.
 
-    python -m benchmarks.clinc150 [--draws 10] [--finetune-draws 10] [--skip-finetune] [--out benchmarks/results/clinc150.md]
+    python -m benchmarks.clinc150 [--draws 10] [--finetune-draws 10] [--finetune-members 2] [--lexical-weight 0.1]
+                                  [--skip-finetune] [--out benchmarks/results/clinc150.md]
 
 1. All 150 intents at 5 shots per intent (support drawn from CLINC150's train split), scored on
    the whole in-scope test split (4,500 utterances), mean ± 95 % CI over random support draws:
    frozen-encoder heads (cosine prototypes, logistic regression, ridge) on the model's pooled
    embedding and on mean-pooled layers 4-6, with and without the intent *names* as one extra
-   example each; then the fine-tuned-encoder route. Hyper-parameters (layers, C) were chosen on
+   example each; the same head combined with a lexical classifier (TF-IDF character and word
+   n-grams + logistic regression, fitted on the support texts + names only; weight chosen on the
+   validation split); then the fine-tuned-encoder route: one fine-tuned encoder, the mean of
+   ``--finetune-members`` encoders fine-tuned with different seeds, each also with the lexical
+   classifier. Hyper-parameters (layers, C) were chosen on
    the validation split. No utterance of the test split is ever in a support set.
    Out-of-scope: the rejection threshold is fitted on the val split + ``oos_val`` (Larson et al.),
    and in-scope accuracy / out-of-scope recall are reported on test + ``oos_test``.
@@ -32,9 +37,11 @@ from metalab.data.text import load_clinc150
 from metalab.engine import MetaTrainer, RunConfig
 from metalab.data import EpisodeSampler
 from metalab.engine.evaluate import encode_source, evaluate_sampler, mean_ci95
-from metalab.engine.text_eval import confidence, draw_support, evaluate_full_task, fit_oos_threshold, oos_metrics
+from metalab.engine.text_eval import (classification_metrics, confidence, draw_support, evaluate_full_task,
+                                      fit_oos_threshold, oos_metrics)
 from metalab.models import build_backbone
 from metalab.models.text_encoder import SentenceEncoder, embed_corpus, encode_texts
+from metalab.models.text_lexical import LexicalClassifier, combine_log_probs
 
 LAYERS = (4, 5, 6)
 
@@ -92,7 +99,47 @@ def _oos_clinc(source, head, draws: int) -> dict:
     return {k: statistics.mean(o[k] for o in out) for k in ("in_scope_accuracy", "oos_recall")}
 
 
-def finetuned(draws: int, epochs: int, log) -> tuple[str, dict]:
+def frozen_with_lexical(draws: int, weight: float, log) -> list[tuple[str, dict]]:
+    """The frozen layers-4-6 logistic head + intent names, alone and with the lexical classifier
+    (TF-IDF n-grams fitted on the same support texts + names) at ``weight``."""
+    corpus = load_clinc150()
+    encoder = SentenceEncoder(layers=LAYERS)
+    source = embed_corpus(corpus, encoder)
+    texts = source.meta["per_example"]["text"]
+    names = _name_texts(corpus.class_names)
+    name_z = encode_texts(encoder, names, progress=False)
+    scores: dict[str, list] = {"alone": [], "lexical": []}
+    t = time.perf_counter()
+    for d in range(draws):
+        support, queries = draw_support(source, 5, d)
+        support_y = torch.cat([source.y[support], torch.arange(150)])
+        head = fit_head("logistic", torch.cat([source.x[support], name_z]), support_y, 150, c=30.0)
+        log_p = head.scores(source.x[queries]).log_softmax(-1)
+        lexical = LexicalClassifier().fit([texts[i] for i in support] + names, support_y, 150)
+        lex_p = lexical.log_probs([texts[i] for i in queries])
+        for key, lp in (("alone", log_p), ("lexical", combine_log_probs(log_p, lex_p, weight))):
+            scores[key].append(classification_metrics(source.y[queries].numpy(), lp.argmax(-1).numpy(), source.class_names))
+    rows = []
+    for key, label in (("alone", "frozen, layers 4-6, logistic + intent names (this section's draws)"),
+                       ("lexical", f"frozen, layers 4-6, logistic + intent names + lexical TF-IDF classifier (weight {weight})")):
+        rec = _summary(scores[key])
+        rows.append((label, rec))
+        log(f"{label}: {100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} % (macro F1 {rec['macro_f1']:.3f})")
+    log(f"frozen + lexical: {draws} draws in {time.perf_counter() - t:.0f} s")
+    return rows
+
+
+def _summary(metrics: list[dict]) -> dict:
+    accs = [m["accuracy"] for m in metrics]
+    return {"accuracy": statistics.mean(accs), "accuracy_ci95": mean_ci95(torch.tensor(accs))[1] if len(accs) > 1 else 0.0,
+            "macro_f1": statistics.mean(m["macro_f1"] for m in metrics), "draws": len(accs)}
+
+
+def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log) -> list[tuple[str, dict]]:
+    """The fine-tuned-encoder route: per draw, ``members`` copies of the encoder fine-tuned with
+    different seeds (draw + 1000 · member) on the support texts + intent names, a logistic head
+    on each; rows for one member, the members' mean log-probabilities, and each with the lexical
+    classifier at ``lexical_weight``."""
     from metalab.models.text_finetune import finetune_encoder
 
     corpus = load_clinc150()
@@ -100,24 +147,42 @@ def finetuned(draws: int, epochs: int, log) -> tuple[str, dict]:
     source = embed_corpus(corpus, encoder)  # only to draw support indices and hold the test texts
     texts = source.meta["per_example"]["text"]
     names = _name_texts(corpus.class_names)
-    accs, recs = [], []
+    metrics: dict[str, list] = {}
+    seconds = []
     for d in range(draws):
         support, queries = draw_support(source, 5, d)
         support_texts = [texts[i] for i in support] + names
+        query_texts = [texts[i] for i in queries]
         support_y = torch.cat([source.y[support], torch.arange(150)])
         t = time.perf_counter()
-        tuned = finetune_encoder(encoder, support_texts, support_y, 150, epochs=epochs, lr=1e-4, seed=d, progress=False)
-        z = tuned.encode(support_texts)
-        zq = tuned.encode([texts[i] for i in queries])
-        head = fit_head("logistic", z, support_y, 150, c=30.0)
-        acc = (head.scores(zq).argmax(-1) == source.y[queries]).float().mean().item()
-        accs.append(acc)
-        recs.append(time.perf_counter() - t)
-        log(f"fine-tuned draw {d}: {100 * acc:.2f} % ({recs[-1]:.0f} s)")
-    mean = statistics.mean(accs)
-    ci = 1.96 * statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else 0.0
-    return (f"fine-tuned encoder, layers 4-6 ({epochs} epochs, lr 1e-4, cosine-classifier loss) + intent names, logistic",
-            {"accuracy": mean, "accuracy_ci95": ci, "draws": draws, "seconds_per_draw": statistics.mean(recs)})
+        member_log_p = []
+        for m in range(members):
+            tuned = finetune_encoder(encoder, support_texts, support_y, 150, epochs=epochs, lr=1e-4, seed=d + 1000 * m,
+                                     progress=False)
+            head = fit_head("logistic", tuned.encode(support_texts), support_y, 150, c=30.0)
+            member_log_p.append(head.scores(tuned.encode(query_texts)).log_softmax(-1))
+        lex_p = LexicalClassifier().fit(support_texts, support_y, 150).log_probs(query_texts)
+        ensemble = torch.stack(member_log_p).mean(0)
+        variants = {"1": member_log_p[0], "1+lex": combine_log_probs(member_log_p[0], lex_p, lexical_weight)}
+        if members > 1:
+            variants.update({f"{members}": ensemble, f"{members}+lex": combine_log_probs(ensemble, lex_p, lexical_weight)})
+        for key, lp in variants.items():
+            metrics.setdefault(key, []).append(
+                classification_metrics(source.y[queries].numpy(), lp.argmax(-1).numpy(), source.class_names))
+        seconds.append(time.perf_counter() - t)
+        log(f"fine-tuned draw {d}: " + ", ".join(f"{k} {100 * v[-1]['accuracy']:.2f} %" for k, v in metrics.items())
+            + f" ({seconds[-1]:.0f} s)")
+    base = f"fine-tuned encoder, layers 4-6 ({epochs} epochs, lr 1e-4, cosine-classifier loss) + intent names, logistic"
+    labels = {"1": base, "1+lex": f"{base} + lexical (weight {lexical_weight})",
+              f"{members}": f"{members} {base.replace('encoder', 'encoders (seeds), mean log-probabilities', 1)}",
+              f"{members}+lex": f"{members} {base.replace('encoder', 'encoders (seeds), mean log-probabilities', 1)} + lexical (weight {lexical_weight})"}
+    rows = []
+    for key, ms in metrics.items():
+        rec = _summary(ms)
+        rec["seconds_per_draw"] = statistics.mean(seconds)
+        rows.append((labels[key], rec))
+        log(f"{labels[key]}: {100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} % (macro F1 {rec['macro_f1']:.3f})")
+    return rows
 
 
 def cross_domain(budget_steps: int, log) -> list[tuple[str, str, float, float]]:
@@ -183,6 +248,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--finetune-draws", type=int, default=10)
     parser.add_argument("--finetune-epochs", type=int, default=4)
+    parser.add_argument("--finetune-members", type=int, default=2, help="fine-tuned encoders (seeds) per draw")
+    parser.add_argument("--lexical-weight", type=float, default=0.1, help="weight of the lexical classifier's log-probabilities (chosen on val)")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--meta-steps", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/clinc150.md"))
@@ -194,9 +261,11 @@ def main() -> None:
     start = time.strftime("%Y-%m-%d %H:%M")
     only = args.only is not None
     frozen = [] if only else all_intents(args.draws, log)
+    lexical = [] if only else frozen_with_lexical(args.draws, args.lexical_weight, log)
     cross = cross_domain(args.meta_steps, log)
     lat = latency(log)
-    ft = None if args.skip_finetune or only else finetuned(args.finetune_draws, args.finetune_epochs, log)
+    ft = [] if args.skip_finetune or only else finetuned(args.finetune_draws, args.finetune_epochs, args.finetune_members,
+                                                         args.lexical_weight, log)
 
     md = [f"# CLINC150 with all-MiniLM-L6-v2 ({start}, {torch.get_num_threads()} CPU threads, torch {torch.__version__})", "",
           *([] if only else ["## All 150 intents, 5 shots each (from the train split), whole in-scope test split (4,500)", ""]),
@@ -207,10 +276,11 @@ def main() -> None:
     for label, rec in frozen:
         md.append(f"| {label} | {100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} | {rec['macro_f1']:.3f} | "
                   f"{100 * rec['oos']['in_scope_accuracy']:.2f} | {100 * rec['oos']['oos_recall']:.2f} |")
-    if ft is not None:
-        label, rec = ft
-        md.append(f"| {label} ({rec['draws']} draws, {rec['seconds_per_draw']:.0f} s each) | "
-                  f"{100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} | | | |")
+    for label, rec in lexical:
+        md.append(f"| {label} | {100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} | {rec['macro_f1']:.3f} | | |")
+    for label, rec in ft:
+        md.append(f"| {label} ({rec['draws']} draws, {rec['seconds_per_draw']:.0f} s each for all members) | "
+                  f"{100 * rec['accuracy']:.2f} ± {100 * rec['accuracy_ci95']:.2f} | {rec['macro_f1']:.3f} | | |")
     md += ["", f"## Cross-domain: meta-test domains {', '.join(CLINC150_TEST_DOMAINS)} (45 intents), 600 episodes, 15 queries", "",
            "| setting | head on frozen layers-4-6 embeddings | accuracy (%) |", "|---|---|---|"]
     md += [f"| {s} | {label} | {100 * m:+.2f} ± {100 * c:.2f} |" if label.startswith("difference") else
