@@ -173,9 +173,10 @@ def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log)
         log(f"fine-tuned draw {d}: " + ", ".join(f"{k} {100 * v[-1]['accuracy']:.2f} %" for k, v in metrics.items())
             + f" ({seconds[-1]:.0f} s)")
     base = f"fine-tuned encoder, layers 4-6 ({epochs} epochs, lr 1e-4, cosine-classifier loss) + intent names, logistic"
-    labels = {"1": base, "1+lex": f"{base} + lexical (weight {lexical_weight})",
-              f"{members}": f"{members} {base.replace('encoder', 'encoders (seeds), mean log-probabilities', 1)}",
-              f"{members}+lex": f"{members} {base.replace('encoder', 'encoders (seeds), mean log-probabilities', 1)} + lexical (weight {lexical_weight})"}
+    labels = {"1": base, "1+lex": f"{base} + lexical (weight {lexical_weight})"}
+    if members > 1:
+        several = f"{members} {base.replace('encoder', 'encoders (seeds), mean log-probabilities', 1)}"
+        labels.update({f"{members}": several, f"{members}+lex": f"{several} + lexical (weight {lexical_weight})"})
     rows = []
     for key, ms in metrics.items():
         rec = _summary(ms)

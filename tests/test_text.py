@@ -286,6 +286,8 @@ def test_adapter_with_label_names_and_a_lexical_weight(tiny_encoder_dir, tmp_pat
     texts = [t for t, _ in held[:4]]
     assert [p.scores for p in again.predict(texts)] == [p.scores for p in named.predict(texts)]
 
+    with pytest.raises(ConfigError, match="pass the texts behind the embeddings"):
+        named.predict_inputs(named.embed(texts))
     with pytest.raises(ConfigError, match="must be 0 or more"):
         Adapter(tmp_path / "run", plain.support_x, plain.support_y, plain.labels, lexical_weight=-1.0)
     with pytest.raises(ConfigError, match="needs the support texts"):

@@ -99,9 +99,12 @@ class Adapter:
     @torch.no_grad()
     def predict_inputs(self, x: torch.Tensor, texts: Sequence[str] | None = None) -> list[Prediction]:
         """Already-encoded inputs ``[B, ...]`` (embeddings, or images) → one prediction each.
-        ``texts`` (the ``B`` texts behind ``x``) let an adapter with a lexical weight use it."""
+        ``texts`` (the ``B`` texts behind ``x``) are required by an adapter with a lexical weight."""
+        if self._lexical is not None and (texts is None or len(texts) != len(x)):
+            raise ConfigError("This adapter has a lexical weight: pass the texts behind the embeddings, "
+                              "predict_inputs(x, texts), or call predict(texts).")
         logits = self._scorer(self._prepare(x.to(self.device))).cpu()
-        if self._lexical is not None and texts is not None:
+        if self._lexical is not None:
             from metalab.models.text_lexical import combine_log_probs
 
             probs = combine_log_probs(logits.log_softmax(-1), self._lexical.log_probs(texts), self.lexical_weight).softmax(-1)
