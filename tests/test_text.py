@@ -379,9 +379,12 @@ def test_the_lexical_classifier_learns_word_cues_from_the_support_only():
     # a class with no support example gets no probability; weight 0 leaves the embedding scores alone
     partial = LexicalClassifier().fit(["play jazz", "rain today"], torch.tensor([0, 2]), 3).log_probs(["play rock"])
     assert partial[0, 1] < -1e3 and partial[0, 0] > partial[0, 2]
-    embedding = torch.randn(1, 3).log_softmax(-1)
+    embedding = torch.tensor([[0.2, 0.5, 0.3]]).log()  # the embedding head alone prefers class 1
     assert torch.equal(combine_log_probs(embedding, partial, 0.0), embedding)
     assert combine_log_probs(embedding, partial, 1.0).argmax(-1).item() == 0
+    # texts without a word of two letters still have character n-grams
+    symbols = LexicalClassifier().fit(["? ?", "! !"], torch.tensor([0, 1]), 2)
+    assert symbols.log_probs(["?"]).argmax(-1).item() == 0
 
 
 def test_the_lexical_classifier_names_its_misuse():
@@ -393,6 +396,8 @@ def test_the_lexical_classifier_names_its_misuse():
         LexicalClassifier().fit(["a b", "c d"], torch.tensor([0]), 2)
     with pytest.raises(ConfigError, match=r"Labels must lie in 0\.\.1"):
         LexicalClassifier().fit(["a b", "c d"], torch.tensor([0, 2]), 2)
+    with pytest.raises(ConfigError, match="at least two labels"):
+        LexicalClassifier().fit(["play jazz", "play rock"], torch.tensor([1, 1]), 2)
     with pytest.raises(ConfigError, match="before fit"):
         LexicalClassifier().log_probs(["a"])
     with pytest.raises(ConfigError, match="Cannot combine"):

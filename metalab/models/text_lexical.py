@@ -39,9 +39,15 @@ class LexicalClassifier:
             raise ConfigError(f"The lexical classifier needs one label per text; got {len(texts)} texts and {len(labels)} labels.")
         if labels.min() < 0 or labels.max() >= ways:
             raise ConfigError(f"Labels must lie in 0..{ways - 1}; got {labels.min().item()}..{labels.max().item()}.")
+        if len(labels.unique()) < 2:
+            raise ConfigError("The lexical classifier needs examples of at least two labels; add examples of another label.")
         texts = list(texts)
-        self.vectorizers = [TfidfVectorizer(analyzer="char_wb", ngram_range=self.char_ngrams, sublinear_tf=True).fit(texts),
-                            TfidfVectorizer(analyzer="word", ngram_range=self.word_ngrams, sublinear_tf=True).fit(texts)]
+        candidates = [TfidfVectorizer(analyzer="char_wb", ngram_range=self.char_ngrams, sublinear_tf=True),
+                      TfidfVectorizer(analyzer="word", ngram_range=self.word_ngrams, sublinear_tf=True)]
+        self.vectorizers = [v for v in candidates if _fits(v, texts)]  # e.g. no word of 2+ letters: characters only
+        if not self.vectorizers:
+            raise ConfigError("The lexical classifier found no character n-grams in the support texts; "
+                              "give texts with words, or leave the lexical weight at 0.")
         self.ways = ways
         self.model = LogisticRegression(C=self.c, max_iter=self.max_iter).fit(self._features(texts), labels.numpy())
         return self
@@ -60,6 +66,15 @@ class LexicalClassifier:
         from scipy.sparse import hstack
 
         return hstack([v.transform(texts) for v in self.vectorizers]).tocsr()
+
+
+def _fits(vectorizer, texts: list[str]) -> bool:
+    """Fit ``vectorizer`` in place; False when the texts give it an empty vocabulary."""
+    try:
+        vectorizer.fit(texts)
+    except ValueError:  # scikit-learn: "empty vocabulary"
+        return False
+    return True
 
 
 def combine_log_probs(embedding_log_probs: torch.Tensor, lexical_log_probs: torch.Tensor, weight: float) -> torch.Tensor:
