@@ -27,11 +27,12 @@ if "threads" in sys.argv:  # as train.task_threads runs tasks: worker threads st
 else:
     work = one_thread
 work()
-passes = 5 if "threads" in sys.argv else 1
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(passes):
+faults = []  # minor page faults of each measured pass
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     work()
-print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults}))
 """
 
 
@@ -47,9 +48,13 @@ def test_freed_activations_are_reused_without_page_faults_and_the_setting_can_be
     tuned = _probe()
     plain = _probe(METALAB_SYSTEM_MALLOC="1")  # the setting left off
     assert tuned["applied"] and not plain["applied"]
-    # 40 allocations of 15 MB (3,700 pages each) reuse freed memory. glibc's default gave 0,
-    # 14,600 or 146,700 faults here over repeated runs, by heap layout, so it is not asserted.
-    assert tuned["faults"] < 500, tuned
+    # Each pass makes 40 allocations of 15 MB (3,675 pages each), which reuse freed memory: 0 faults
+    # per pass, but now and then one pass pages a single block in again (3,675 faults; seen once in
+    # CI, where only one pass was measured, and in 1 of 15 passes here). glibc's default gave
+    # 146,680 in every pass of 9 runs of 10 (0 or 14,600 at times, by heap layout), so it is not
+    # asserted. The median pass is: an allocator setting that fails, fails in every pass.
+    passes = sorted(tuned["faults"])
+    assert passes[len(passes) // 2] < 500, tuned
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
@@ -61,4 +66,4 @@ def test_worker_threads_reuse_freed_memory_too():
     # 5 passes of 80 allocations of 15 MB (3,675 pages each). Without one arena: 95,566 faults in
     # all, run after run (5 of the 80 blocks a pass faulted in again); with it 0-7,351 (a block or
     # two when the threads interleave differently): asserted below one block per pass
-    assert tuned["applied"] and tuned["faults"] < 5 * 3675, tuned
+    assert tuned["applied"] and sum(tuned["faults"]) < 5 * 3675, tuned
