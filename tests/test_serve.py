@@ -131,6 +131,39 @@ def test_predictions_equal_the_library(service, served_text, head):
         assert max(abs(g["scores"][k] - w.scores[k]) for k in w.scores) < 1e-5
 
 
+def test_label_names_and_lexical_weight_equal_the_library(service, served_text):
+    """The options `metalab adapt` has (--names-as-examples, --lexical-weight) work over HTTP too,
+    stored with the adapter and kept when examples are added."""
+    from metalab.models.text_encoder import encode_texts
+
+    server, keys, _ = service
+    options = {"names_as_examples": True, "lexical_weight": 0.5}
+    music = [("music", "play some jazz"), ("music", "put on my playlist")]
+    with client(server, keys["alice"]) as c:
+        plain = c.post("/v1/adapters", json={"name": "plain", "examples": examples(), "head": "logistic"}).json()
+        ad = c.post("/v1/adapters", json={"name": "x", "examples": examples(), "head": "logistic", **options}).json()
+        assert {k: ad[k] for k in options} == options and {k: plain[k] for k in options} == {"names_as_examples": False, "lexical_weight": 0.0}
+        got = c.post(f"/v1/adapters/{ad['id']}/predict", json={"texts": QUERIES}).json()["predictions"]
+        base = c.post(f"/v1/adapters/{plain['id']}/predict", json={"texts": QUERIES}).json()["predictions"]
+        more = c.post(f"/v1/adapters/{ad['id']}/examples", json={"examples": examples(music)}).json()
+        assert {k: more[k] for k in options} == options and more["version"] == 2
+        got_more = c.post(f"/v1/adapters/{ad['id']}/predict", json={"texts": QUERIES}).json()["predictions"]
+
+    def library(rows, labels):
+        texts = [t for _, t in rows] + labels  # the names (no underscores here) as one more example each
+        x = encode_texts(served_text._encoder, texts, progress=False)
+        y = torch.tensor([labels.index(l) for l, _ in rows] + list(range(len(labels))))
+        return Adapter(served_text.run_dir, x, y, labels, "logistic", support_texts=texts, lexical_weight=0.5).predict(QUERIES)
+
+    for served, want in ((got, library(SUPPORT, ["balance", "transfer", "weather"])),
+                         (got_more, library(SUPPORT + music, ["balance", "transfer", "weather", "music"]))):
+        assert [p["label"] for p in served] == [p.label for p in want]
+        for g, w in zip(served, want):
+            assert max(abs(g["scores"][k] - w.scores[k]) for k in w.scores) < 1e-5
+    # the options change the scores (names and n-grams are evidence the plain adapter lacks)
+    assert max(abs(g["scores"][k] - b["scores"][k]) for g, b in zip(got, base) for k in b["scores"]) > 0.01
+
+
 def test_restart_serves_the_same_adapters(served_text, tmp_path):
     db = tmp_path / "registry.sqlite"
     registry = Registry(db)
@@ -147,8 +180,9 @@ def test_restart_serves_the_same_adapters(served_text, tmp_path):
     with BackgroundServer(create_app(served_text.run_dir, db, rate_limit=0, served=served_text)) as server:
         for tenant, key in keys.items():
             with client(server, key) as c:
-                for head in ("algorithm", "logistic"):
-                    ad = c.post("/v1/adapters", json={"name": f"{tenant}-{head}", "examples": examples(), "head": head}).json()
+                for head, options in (("algorithm", {}), ("logistic", {"names_as_examples": True, "lexical_weight": 0.2})):
+                    ad = c.post("/v1/adapters", json={"name": f"{tenant}-{head}", "examples": examples(), "head": head,
+                                                      **options}).json()
                 c.post(f"/v1/adapters/{ad['id']}/examples", json={"examples": [{"label": "music", "text": "play jazz"}]})
         first = snapshot(server)
     assert len(first) == 4
@@ -237,6 +271,9 @@ BAD_CREATES = [
     ({"name": "a", "examples": examples(), "colour": "red"}, "colour"),
     ({"name": "a", "examples": examples(), "head": "svm"}, "head"),
     ({"name": "a", "examples": examples(), "threshold": "high"}, "threshold"),
+    ({"name": "a", "examples": examples(), "lexical_weight": -0.1}, "lexical_weight"),
+    ({"name": "a", "examples": examples(), "lexical_weight": 1e9}, "lexical_weight"),
+    ({"name": "a", "examples": examples(), "names_as_examples": "yes"}, "names_as_examples"),
 ]
 
 
@@ -351,6 +388,22 @@ def test_registry_migrates_old_files_and_refuses_newer(tmp_path):
     with pytest.raises(ConfigError, match="newer than this metalab"):
         Registry(old)
 
+    v2 = tmp_path / "v2.sqlite"  # adapters stored before the text options existed keep working, options off
+    with sqlite3.connect(v2) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied TEXT NOT NULL)")
+        for version in (1, 2):
+            conn.executescript(MIGRATIONS[version - 1][1])
+            conn.execute("INSERT INTO schema_version VALUES (?, 'x', 'then')", (version,))
+        conn.execute("INSERT INTO tenants (name, created) VALUES ('acme', 'then')")
+        conn.execute("INSERT INTO adapters VALUES ('ad_1', 1, 'run', 'old', 'text', 'logistic', NULL, '[\"a\", \"b\"]', 3, 'then', 'then')")
+        conn.execute("INSERT INTO examples (adapter_id, label, text, features, added_in) VALUES ('ad_1', 'a', 'hi', x'00', 1)")
+    registry = Registry(v2)
+    from metalab.serve.registry import Tenant
+
+    record = registry.get_adapter(Tenant(1, "acme"), "run", "ad_1")
+    assert (record.labels, record.version, record.examples) == (["a", "b"], 3, 1)
+    assert (record.names_as_examples, record.lexical_weight) == (False, 0.0)
+
 
 # ---- images -------------------------------------------------------------------------------------------
 
@@ -391,6 +444,10 @@ def test_image_run_adapters(tmp_path, omniglot):
         assert bad.status_code == 422 and "not a readable PNG or JPEG" in bad.json()["error"]["message"]
         bad = c.post(f"/v1/adapters/{ad.json()['id']}/predict", json={"texts": ["a"]})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "images"
+        for option in ({"names_as_examples": True}, {"lexical_weight": 0.1}):
+            bad = c.post("/v1/adapters", json={"name": "x", "examples": support, **option})
+            assert bad.status_code == 422 and bad.json()["error"]["field"] == next(iter(option)), bad.text
+            assert "text runs only" in bad.json()["error"]["message"]
     assert rows(db, "adapters") == 1
     x = torch.from_numpy(images[[0, 1, 3, 4, 6, 7]][:, None])
     names = list(dict.fromkeys(f"c{labels[i]}" for i in (0, 1, 3, 4, 6, 7)))

@@ -186,8 +186,10 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
         labels = check_labels(body.labels, examples)
         examples = served.example_features(decode(examples, served))
         threshold = body.threshold if body.threshold is not None else served.default_threshold(body.head)
-        adapter = served.fit(labels, body.head, threshold, examples)  # fails before anything is written
-        record = registry.create_adapter(who, served.key, body.name, served.modality, body.head, threshold, labels, examples)
+        # fails before anything is written
+        adapter = served.fit(labels, body.head, threshold, examples, body.names_as_examples, body.lexical_weight)
+        record = registry.create_adapter(who, served.key, body.name, served.modality, body.head, threshold, labels, examples,
+                                         body.names_as_examples, body.lexical_weight)
         served.remember(record, adapter)
         return record.public()
 
@@ -215,7 +217,8 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
                                          f"would pass the limit of {schemas.MAX_EXAMPLES_PER_ADAPTER}; create a new adapter instead.")
         new = served.example_features(decode(check_examples(body.examples, served.modality), served))
         labels = record.labels + [l for l in dict.fromkeys(e.label for e in new) if l not in record.labels]
-        adapter = served.fit(labels, record.head, record.threshold, registry.examples(record.id, record.version) + new)
+        adapter = served.fit(labels, record.head, record.threshold, registry.examples(record.id, record.version) + new,
+                             record.names_as_examples, record.lexical_weight)
         updated = registry.add_examples(who, served.key, adapter_id, labels, new, record.version)
         if updated is None:
             raise HTTPException(409, f"Adapter '{adapter_id}' changed or was deleted while adding; send the request again.")
@@ -238,7 +241,7 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
             x = served.features(images=served.decode_images(body.images))
         adapter = served.adapter(record, registry.examples)
         out = []
-        for p in adapter.predict_inputs(x):
+        for p in adapter.predict_inputs(x, body.texts):
             ranked = sorted(p.scores.items(), key=lambda kv: -kv[1])[: body.top_k]
             out.append({"label": p.label, "scores": dict(ranked), "out_of_scope": p.out_of_scope})
         return {"adapter": record.id, "version": record.version, "predictions": out}

@@ -73,6 +73,12 @@ class CombiningBatcher:
                     start += len(texts_i)
         return mine.result()
 
+    def alone(self, texts: list[str]) -> torch.Tensor:
+        """``fn(texts)`` in a batch of its own (after the call in progress), so the same texts
+        always give the same rows: padding to other requests' lengths can move the last bits."""
+        with self._run_lock:
+            return self.fn(list(texts))
+
 
 class ServedRun:
     """A run folder loaded once for serving."""
@@ -153,13 +159,28 @@ class ServedRun:
 
     # ---- adapters ------------------------------------------------------------------------------
 
-    def fit(self, labels: list[str], head: str, threshold: float | None, examples: list[Example]) -> Adapter:
+    def fit(self, labels: list[str], head: str, threshold: float | None, examples: list[Example],
+            names_as_examples: bool = False, lexical_weight: float = 0.0) -> Adapter:
+        """An adapter on the examples' stored features. Text runs only: ``names_as_examples`` adds
+        each label's name (underscores as spaces, encoded as one batch of the labels in order, so a
+        re-fit after a restart gets the same features) as one more example; ``lexical_weight`` > 0
+        adds the lexical classifier fitted on the examples' texts (and the names)."""
+        if self.modality != "text" and (names_as_examples or lexical_weight):
+            field = "names_as_examples" if names_as_examples else "lexical_weight"
+            raise InputError(field, f"Field '{field}' applies to text runs only; this run is an image run, leave it out.")
         dtype = np.float32 if self.modality == "text" else np.uint8
         shape = self.example_shape
         x = torch.from_numpy(np.stack([np.frombuffer(e.features, dtype=dtype).reshape(shape) for e in examples]))
         index = {label: i for i, label in enumerate(labels)}
         y = torch.tensor([index[e.label] for e in examples])
-        return Adapter(self.run_dir, x, y, labels, head, threshold, self.device, loaded=(self.config, self.algorithm))
+        texts = [e.text for e in examples] if self.modality == "text" else None
+        if names_as_examples:
+            names = [label.replace("_", " ") for label in labels]
+            x = torch.cat([x, self._encode.alone(names).float().cpu()])
+            y = torch.cat([y, torch.arange(len(labels))])
+            texts = texts + names
+        return Adapter(self.run_dir, x, y, labels, head, threshold, self.device, loaded=(self.config, self.algorithm),
+                       support_texts=texts if lexical_weight else None, lexical_weight=lexical_weight)
 
     def remember(self, record: AdapterRecord, adapter: Adapter) -> None:
         with self._fitted_lock:
@@ -175,7 +196,8 @@ class ServedRun:
             if key in self._fitted:
                 self._fitted.move_to_end(key)
                 return self._fitted[key]
-        adapter = self.fit(record.labels, record.head, record.threshold, load_examples(record.id, record.version))
+        adapter = self.fit(record.labels, record.head, record.threshold, load_examples(record.id, record.version),
+                           record.names_as_examples, record.lexical_weight)
         self.remember(record, adapter)
         return adapter
 

@@ -68,6 +68,10 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX examples_by_adapter ON examples(adapter_id, id);
     """),
+    ("text adapter options: label names as examples, lexical weight", """
+        ALTER TABLE adapters ADD COLUMN names_as_examples INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE adapters ADD COLUMN lexical_weight REAL NOT NULL DEFAULT 0
+    """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -106,10 +110,13 @@ class AdapterRecord:
     created: str
     updated: str
     examples: int = 0
+    names_as_examples: bool = False  #: each label's name (underscores as spaces) is one more example of it
+    lexical_weight: float = 0.0  #: weight of the lexical classifier's log-probabilities (0 = none)
 
     def public(self) -> dict:
         return {"id": self.id, "name": self.name, "modality": self.modality, "head": self.head,
                 "threshold": self.threshold, "labels": self.labels, "examples": self.examples,
+                "names_as_examples": self.names_as_examples, "lexical_weight": self.lexical_weight,
                 "version": self.version, "created": self.created, "updated": self.updated}
 
 
@@ -225,15 +232,19 @@ class Registry:
     def _record(self, row: sqlite3.Row) -> AdapterRecord:
         data = dict(row)
         data["labels"] = json.loads(data["labels"])
+        data["names_as_examples"] = bool(data["names_as_examples"])
         return AdapterRecord(**data)
 
     def create_adapter(self, tenant: Tenant, run: str, name: str, modality: str, head: str,
-                       threshold: float | None, labels: list[str], examples: list[Example]) -> AdapterRecord:
+                       threshold: float | None, labels: list[str], examples: list[Example],
+                       names_as_examples: bool = False, lexical_weight: float = 0.0) -> AdapterRecord:
         adapter_id = "ad_" + secrets.token_hex(8)
         now = _now()
         with self._write() as conn:
-            conn.execute("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
-                         (adapter_id, tenant.id, run, name, modality, head, threshold, json.dumps(labels), now, now))
+            conn.execute("INSERT INTO adapters (id, tenant_id, run, name, modality, head, threshold, labels, version, "
+                         "created, updated, names_as_examples, lexical_weight) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                         (adapter_id, tenant.id, run, name, modality, head, threshold, json.dumps(labels), now, now,
+                          int(names_as_examples), float(lexical_weight)))
             self._insert_examples(conn, adapter_id, examples, 1)
         return self.get_adapter(tenant, run, adapter_id)
 
