@@ -261,6 +261,9 @@ def adapt(
     label_column: str = typer.Option("label"),
     names_as_examples: bool = typer.Option(False, "--names-as-examples", help="Text: add each label (underscores as spaces) as one more example of itself; helps when labels are words."),
     lexical_weight: float = typer.Option(0.0, min=0.0, help="Text: add this weight times a TF-IDF n-gram classifier's log-probabilities, fitted on the support texts (0.1 is a good start; 0 = off)."),
+    finetune_epochs: int = typer.Option(0, min=0, help="Text: first fine-tune the run's encoder on the support for this many epochs (4 is a good start; ~70 s for 900 texts on 2 CPU cores; the adapter then carries the encoder's weights, ~90 MB; 0 = off)."),
+    finetune_lr: float = typer.Option(1e-4, min=0.0, help="Text: the encoder's learning rate when fine-tuning."),
+    seed: int = typer.Option(0, help="Seed of the fine-tuning (batch order and dropout)."),
 ) -> None:
     """Adapt a trained run to a few labelled examples; writes an adapter file for `metalab predict`."""
     import time as _time
@@ -270,12 +273,14 @@ def adapt(
     threshold = oos_threshold if oos_threshold is not None else default_threshold(run, head)
     start = _time.perf_counter()
     adapter = adapt_from_file(run, support, head, threshold, text_column=text_column, label_column=label_column,
-                              names_as_examples=names_as_examples, lexical_weight=lexical_weight)
+                              names_as_examples=names_as_examples, lexical_weight=lexical_weight,
+                              finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, seed=seed, progress=True)
     path = adapter.save(out)
     console.print(f"adapted to {len(adapter.labels)} labels from {len(adapter.support_y)} examples in "
                   f"{_time.perf_counter() - start:.2f} s (head: {head}; out-of-scope threshold: "
                   f"{'none' if threshold is None else f'{threshold:.3f}'}"
-                  f"{f'; lexical weight {lexical_weight}' if lexical_weight else ''}); adapter: {path}")
+                  f"{f'; lexical weight {lexical_weight}' if lexical_weight else ''}"
+                  f"{f'; encoder fine-tuned for {finetune_epochs} epochs' if finetune_epochs else ''}); adapter: {path}")
 
 
 @app.command()

@@ -9,6 +9,11 @@ loads give identical predictions.
 Text adapters may also keep the support *texts* and add a lexical classifier's log-probabilities
 (TF-IDF n-grams fitted on those texts, :mod:`metalab.models.text_lexical`) with a small weight;
 the out-of-scope test stays on the head's own top logit.
+
+A text adapter may carry its own encoder: the run's encoder fine-tuned on the support
+(:func:`metalab.models.text_finetune.finetune_encoder`, the heavier transfer route). Its weights
+are stored in the adapter file (``encoder.*`` tensors, about 90 MB for MiniLM) and it embeds
+both the support and every input; its embeddings skip the shared disk cache.
 """
 
 from __future__ import annotations
@@ -44,10 +49,14 @@ class Adapter:
     def __init__(self, run_dir: str | Path, support_x: torch.Tensor, support_y: torch.Tensor, labels: list[str],
                  head: str = "algorithm", threshold: float | None = None, device: str = "cpu",
                  loaded: tuple | None = None, support_texts: Sequence[str] | None = None,
-                 lexical_weight: float = 0.0) -> None:
+                 lexical_weight: float = 0.0, tuned_encoder=None, tuned_state: dict | None = None,
+                 tuned_id: str | None = None) -> None:
         """``loaded``: the run's ``(config, algorithm)`` already in memory (a server holding many adapters).
         ``lexical_weight`` > 0 (text runs, with ``support_texts``, one per support example) adds
-        that weight times a lexical classifier's log-probabilities to the head's."""
+        that weight times a lexical classifier's log-probabilities to the head's.
+        ``tuned_encoder``: the run's encoder fine-tuned on this support, which embedded
+        ``support_x`` and embeds the inputs (or ``tuned_state``, its weights, and ``tuned_id``,
+        its model id, as an adapter file stores them)."""
         if head not in HEAD_CHOICES:
             raise ConfigError(f"Unknown head '{head}'; choose one of: {', '.join(HEAD_CHOICES)}.")
         if not lexical_weight >= 0:
@@ -71,6 +80,25 @@ class Adapter:
             from metalab.models.text_lexical import LexicalClassifier
 
             self._lexical = LexicalClassifier().fit(self.support_texts, support_y, len(self.labels))
+        if (tuned_encoder is not None or tuned_state is not None) and not self.text:
+            raise ConfigError("A fine-tuned encoder applies to text runs only; this run is an image run.")
+        if tuned_state is not None:
+            tuned_encoder = self._restore_encoder(tuned_state, tuned_id)
+        self.tuned_encoder = tuned_encoder
+        if tuned_encoder is not None:
+            self._encoder = tuned_encoder
+
+    def _restore_encoder(self, state: dict, model_id: str | None):
+        """The run's encoder with the fine-tuned weights an adapter file stores."""
+        encoder = run_encoder(self.config)
+        try:
+            encoder.model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"The adapter's fine-tuned encoder does not fit run '{self.run_dir}''s encoder "
+                                  f"({str(exc).splitlines()[0]}); adapt again with `metalab adapt`.") from None
+        encoder.model.eval()
+        encoder.model_id = model_id or f"{encoder.model_id}-finetuned"
+        return encoder
 
     def _fit(self):
         params = self.algorithm.params()
@@ -92,6 +120,8 @@ class Adapter:
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts → the run's input features (cached sentence embeddings)."""
+        if self.tuned_encoder is not None:  # its own weights: nothing to share through the disk cache
+            return self.tuned_encoder.encode(list(texts))
         from metalab.models.text_encoder import encode_texts
 
         return encode_texts(self.encoder(), list(texts), progress=False)
@@ -132,7 +162,11 @@ class Adapter:
                 "modality": "text" if self.text else "image"}
         if self._lexical is not None:
             meta.update(support_texts=self.support_texts, lexical_weight=self.lexical_weight)
-        save_tensors_atomic(path, {"support_x": self.support_x.contiguous(), "support_y": self.support_y}, meta)
+        tensors = {"support_x": self.support_x.contiguous(), "support_y": self.support_y}
+        if self.tuned_encoder is not None:
+            meta["encoder"] = {"model_id": self.tuned_encoder.model_id, "finetuned": True}
+            tensors.update({f"encoder.{k}": v.detach().cpu().clone() for k, v in self.tuned_encoder.model.state_dict().items()})
+        save_tensors_atomic(path, tensors, meta)
         return path
 
     @classmethod
@@ -146,9 +180,11 @@ class Adapter:
         tensors, meta = loaded
         if meta.get("format") != "metalab-adapter/1":
             raise CheckpointError(f"File '{path}' is not a metalab adapter (format {meta.get('format')!r}).")
+        tuned = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
         return cls(meta["run"], tensors["support_x"], tensors["support_y"], meta["labels"], meta["head"],
                    meta["threshold"], device, support_texts=meta.get("support_texts"),
-                   lexical_weight=meta.get("lexical_weight", 0.0))
+                   lexical_weight=meta.get("lexical_weight", 0.0), tuned_state=tuned or None,
+                   tuned_id=meta.get("encoder", {}).get("model_id"))
 
 
 def run_encoder(config):
@@ -179,13 +215,19 @@ def default_threshold(run_dir: str | Path, head: str = "algorithm") -> float | N
 
 def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algorithm", threshold: float | None = None,
                     device: str = "cpu", text_column: str = "text", label_column: str = "label",
-                    names_as_examples: bool = False, lexical_weight: float = 0.0) -> Adapter:
+                    names_as_examples: bool = False, lexical_weight: float = 0.0, finetune_epochs: int = 0,
+                    finetune_lr: float = 1e-4, seed: int = 0, progress: bool = False) -> Adapter:
     """An adapter from a support file: a text ``.csv`` / ``.jsonl`` of ``text,label`` for text runs,
     an image folder ``root/<label>/*.png`` for image runs.
 
     Text runs only: ``names_as_examples`` adds each label, underscores read as spaces, as one more
     example of itself (worth +1.3 points on CLINC150 at 5 shots, when labels are words);
-    ``lexical_weight`` > 0 keeps the support texts and adds a lexical classifier (+0.4 there at 0.1)."""
+    ``lexical_weight`` > 0 keeps the support texts and adds a lexical classifier (+0.4 there at 0.1);
+    ``finetune_epochs`` > 0 first fine-tunes the run's encoder on the support (names included) for
+    that many epochs at ``finetune_lr``, seeded by ``seed`` (4 epochs at 1e-4 on CLINC150: 90.46 %
+    against 89.38 % frozen, logistic head with names; about 70 s for 900 texts on 2 CPU cores)."""
+    if finetune_epochs < 0 or not finetune_lr > 0:
+        raise ConfigError(f"Fine-tuning needs epochs ≥ 0 and a positive learning rate; got {finetune_epochs} and {finetune_lr}.")
     from metalab.engine.run import RunFolder
 
     config = RunFolder.open(run_dir).config()
@@ -199,13 +241,24 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
             texts += [name.replace("_", " ") for name in corpus.class_names]
             y = torch.cat([y, torch.arange(len(corpus.class_names))])
         encoder = run_encoder(config)
-        x = encode_texts(encoder, texts, progress=False)
+        tuned = None
+        if finetune_epochs:
+            from metalab.models.text_finetune import finetune_encoder
+
+            if corpus.num_classes < 2:
+                raise ConfigError(f"Support '{support}' has {corpus.num_classes} label; fine-tuning needs at least 2.")
+            tuned = finetune_encoder(encoder, texts, y, corpus.num_classes, epochs=finetune_epochs, lr=finetune_lr,
+                                     seed=seed, progress=progress)
+            x = tuned.encode(texts)
+        else:
+            x = encode_texts(encoder, texts, progress=False)
         adapter = Adapter(run_dir, x, y, corpus.class_names, head, threshold, device, support_texts=texts,
-                          lexical_weight=lexical_weight)
-        adapter._encoder = encoder
+                          lexical_weight=lexical_weight, tuned_encoder=tuned)
+        adapter._encoder = tuned or encoder
         return adapter
-    if names_as_examples or lexical_weight:
-        raise ConfigError("--names-as-examples and --lexical-weight apply to text runs only; this run is an image run.")
+    if names_as_examples or lexical_weight or finetune_epochs:
+        raise ConfigError("--names-as-examples, --lexical-weight and --finetune-epochs apply to text runs only; "
+                          "this run is an image run.")
     if not support.is_dir():
         raise DataError(f"Support '{support}' must be an image folder root/<label>/*.png for this image run.")
     from metalab.data.folders import load_image_folder

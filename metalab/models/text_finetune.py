@@ -32,7 +32,8 @@ def finetune_encoder(encoder: SentenceEncoder, texts: Sequence[str], labels: tor
         raise ConfigError(f"Fine-tuning needs one label per text; got {len(texts)} texts and {len(labels)} labels.")
     tuned = copy.copy(encoder)
     tuned.model = copy.deepcopy(encoder.model)
-    digest = hashlib.sha256("\x00".join(texts).encode() + labels.numpy().tobytes()).hexdigest()[:12]
+    settings = f"{lr},{head_lr},{batch_size},{scale}".encode()  # the weights depend on all of these
+    digest = hashlib.sha256("\x00".join(texts).encode() + labels.numpy().tobytes() + settings).hexdigest()[:12]
     tuned.model_id = f"{encoder.model_id}-finetuned-e{epochs}-s{seed}-{digest}"
     model = tuned.model
     device = next(model.parameters()).device
