@@ -72,9 +72,23 @@ def test_web_page_creates_an_adapter_and_predicts(served_text, tmp_path):  # noq
         page.wait_for_selector("#created.error", timeout=15000)
         assert "at least 2 labels" in page.inner_text("#created")
 
+        # the text options: label names as examples and the lexical weight
+        page.fill("#name", "bank+")
+        page.fill("#examples", "balance: what is my balance\ntransfer: send money to mom")
+        page.check("#names-as-examples")
+        page.fill("#lexical-weight", "-1")
+        page.click("#create")
+        page.wait_for_selector("#created.error", timeout=15000)
+        assert "lexical weight must be a number from 0 to 10" in page.inner_text("#created")
+        page.fill("#lexical-weight", "0.3")
+        page.click("#create")
+        page.wait_for_selector("#created.ok", timeout=15000)
+        assert "2 labels from 2 examples" in page.inner_text("#created")
+
         shot = page.screenshot(full_page=True)
         (tmp_path / "page.png").write_bytes(shot)
         std, colours = non_blank(shot)
         assert std > 20 and colours > 50, (std, colours)  # rendered text, bars and panels, not a blank page
         browser.close()
-    assert len(Registry(db).list_adapters(Registry(db).tenant_for_key(key), served_text.key)) == 1
+    made = Registry(db).list_adapters(Registry(db).tenant_for_key(key), served_text.key)
+    assert sorted((a.name, a.names_as_examples, a.lexical_weight) for a in made) == [("bank", False, 0.0), ("bank+", True, 0.3)]
