@@ -91,6 +91,11 @@ def test_adapter_lifecycle(service):
         assert ad["labels"] == ["balance", "transfer", "weather"] and ad["examples"] == 6 and ad["version"] == 1
         assert c.get(f"/v1/adapters/{ad['id']}").json() == ad
         assert [a["id"] for a in c.get("/v1/adapters").json()["adapters"]] == [ad["id"]]
+        later = [c.post("/v1/adapters", json={"name": f"n{i}", "examples": examples()}).json()["id"] for i in range(3)]
+        # listed oldest first, also when made within the same second (ids are random)
+        assert [a["id"] for a in c.get("/v1/adapters").json()["adapters"]] == [ad["id"], *later]
+        for other in later:
+            assert c.delete(f"/v1/adapters/{other}").status_code == 204
 
         before = c.post(f"/v1/adapters/{ad['id']}/predict", json={"texts": ["play some jazz"]}).json()
         assert set(before["predictions"][0]["scores"]) == {"balance", "transfer", "weather"}

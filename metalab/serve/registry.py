@@ -273,8 +273,10 @@ class Registry:
         return self._record(rows[0]) if rows else None
 
     def list_adapters(self, tenant: Tenant, run: str) -> list[AdapterRecord]:
+        """The tenant's adapters on this run, oldest first (insertion order: ``created`` has
+        one-second resolution, so two adapters made in the same second would tie)."""
         rows = self._read("SELECT a.*, (SELECT COUNT(*) FROM examples e WHERE e.adapter_id = a.id) AS examples "
-                          "FROM adapters a WHERE a.tenant_id = ? AND a.run = ? ORDER BY a.created, a.id", (tenant.id, run))
+                          "FROM adapters a WHERE a.tenant_id = ? AND a.run = ? ORDER BY a.rowid", (tenant.id, run))
         return [self._record(r) for r in rows]
 
     def examples(self, adapter_id: str, version: int) -> list[Example]:
