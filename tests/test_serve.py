@@ -461,6 +461,11 @@ def test_image_run_adapters(tmp_path, omniglot):
     assert [p["label"] for p in got] == [p.label for p in want]
     for g, w in zip(got, want):
         assert max(abs(g["scores"][k] - w.scores[k]) for k in w.scores) < 1e-4
+    from metalab.engine.adapter import adapt_from_file  # `metalab adapt`'s text options, on an image run
+
+    for option in ({"names_as_examples": True}, {"lexical_weight": 0.1}, {"finetune_epochs": 2}):
+        with pytest.raises(ConfigError, match="apply to text runs only"):
+            adapt_from_file(tmp_path / "run", tmp_path, **option)
 
 
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------------
