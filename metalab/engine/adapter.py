@@ -223,7 +223,7 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     Text runs only: ``names_as_examples`` adds each label, underscores read as spaces, as one more
     example of itself (worth +1.3 points on CLINC150 at 5 shots, when labels are words);
     ``lexical_weight`` > 0 keeps the support texts and adds a lexical classifier (+0.4 there at 0.1);
-    ``finetune_epochs`` > 0 first fine-tunes the run's encoder on the support (names included) for
+    ``finetune_epochs`` > 0 first fine-tunes the run's encoder on the support (and the names, if added) for
     that many epochs at ``finetune_lr``, seeded by ``seed`` (4 epochs at 1e-4 on CLINC150: 90.46 %
     against 89.38 % frozen, logistic head with names; about 70 s for 900 texts on 2 CPU cores)."""
     if finetune_epochs < 0 or not finetune_lr > 0:
