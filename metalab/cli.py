@@ -261,7 +261,7 @@ def adapt(
     label_column: str = typer.Option("label"),
     names_as_examples: bool = typer.Option(False, "--names-as-examples", help="Text: add each label (underscores as spaces) as one more example of itself; helps when labels are words."),
     lexical_weight: float = typer.Option(0.0, min=0.0, help="Text: add this weight times a TF-IDF n-gram classifier's log-probabilities, fitted on the support texts (0.1 is a good start; 0 = off)."),
-    finetune_epochs: int = typer.Option(0, min=0, help="Text: first fine-tune the run's encoder on the support for this many epochs (4 helped on CLINC150's 150 intents, ~70 s for 900 texts on 2 CPU cores, but cost on 15 easy ones: check on held-out examples; the adapter then carries the encoder's weights, ~90 MB; 0 = off)."),
+    finetune_epochs: int = typer.Option(0, min=0, help="Text: first fine-tune the run's encoder on the support for this many epochs (4 epochs: +1.1 points on CLINC150's 45 held-out intents, 30 s on 2 CPU cores; no gain on 15 easy ones: check on held-out examples; the adapter then carries the encoder's weights, ~90 MB; 0 = off)."),
     finetune_lr: float = typer.Option(1e-4, min=0.0, help="Text: the encoder's learning rate when fine-tuning."),
     seed: int = typer.Option(0, help="Seed of the fine-tuning (batch order and dropout)."),
 ) -> None:
