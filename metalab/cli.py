@@ -439,10 +439,11 @@ def demo(
 def main() -> None:
     try:
         app(standalone_mode=False)
-        from metalab.engine.distributed import launched_by_torchrun, shutdown
-
-        shutdown()
-        if launched_by_torchrun():
+        distributed = sys.modules.get("metalab.engine.distributed")
+        if distributed is None:  # the command never touched torch.distributed (--help, keys, …): nothing to close,
+            return  # and importing it here would load torch for nothing (~3 s)
+        distributed.shutdown()
+        if distributed.launched_by_torchrun():
             # gloo's threads can abort the interpreter's teardown ("terminate called without an
             # active exception", 1 run in ~10 here); everything is written and the group is closed
             sys.stdout.flush()

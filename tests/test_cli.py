@@ -69,3 +69,14 @@ def test_empty_data_folder_and_corrupt_checkpoint(tmp_path):
 def test_datasets_lists_bundled_sources():
     out = metalab("datasets")
     assert out.returncode == 0 and "omniglot" in out.stdout and "242" in out.stdout
+
+
+def test_help_and_keys_answer_without_loading_torch(tmp_path):
+    """Commands that need no model (--help, `keys`) must not pay torch's ~3 s import."""
+    code = ("import sys; from metalab.cli import main; sys.argv = ['metalab', *sys.argv[1:]]; main(); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    for args in (["--help"], ["keys", "create", "dora", "--db", str(tmp_path / "r.sqlite")],
+                 ["keys", "list", "--db", str(tmp_path / "r.sqlite")]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV, timeout=60)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+    assert "dora" in out.stdout
