@@ -4,6 +4,7 @@ world size, torchrun's elastic restart. Tiny MLP runs on a cluster .npz so each 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,22 @@ def data(tmp_path_factory):
     source = make_clusters(classes=40, per_class=20)
     np.savez(path, x=source.x.numpy(), y=source.y.numpy())
     return path
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """``reference(algo, procs) -> (run folder, stdout)``: the uninterrupted 12-step run, trained once per
+    module and shared by the tests that compare against it (each torchrun launch costs ~10 s). Tests
+    that change a run folder work on a copy."""
+    done = {}
+
+    def get(algo: str, procs: int):
+        if (algo, procs) not in done:
+            out_dir = tmp_path_factory.mktemp(f"{algo}-{procs}")
+            done[algo, procs] = (out_dir / "run", run(train_args(data, algo, out_dir / "run"), procs=procs).stdout)
+        return done[algo, procs]
+
+    return get
 
 
 def free_port() -> int:
@@ -79,12 +96,11 @@ def assert_same_metrics(ma, mb, rel=1e-5):
 
 
 @pytest.mark.parametrize("algo", ["protonet", "maml", "baseline"])  # baseline: SyncBatchStatNorm
-def test_two_processes_train_what_one_does(data, tmp_path, algo):
-    run(train_args(data, algo, tmp_path / "one"))
-    out = run(train_args(data, algo, tmp_path / "two"), procs=2)
-    assert out.stdout.count("trained 12 steps") == 1  # only rank 0 prints
-    assert_same(final_state(tmp_path / "one", 12), final_state(tmp_path / "two", 12))
-    assert_same_metrics(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+def test_two_processes_train_what_one_does(reference, algo):
+    (one, _), (two, stdout) = reference(algo, 1), reference(algo, 2)
+    assert stdout.count("trained 12 steps") == 1  # only rank 0 prints
+    assert_same(final_state(one, 12), final_state(two, 12))
+    assert_same_metrics(metrics(one), metrics(two))
 
 
 def test_kill_9_then_resume_reaches_the_uninterrupted_result(data, tmp_path):
@@ -110,25 +126,24 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_result(data, tmp_path):
     assert_same_metrics(metrics(tmp_path / "clean"), metrics(victim), rel=0)
 
 
-def test_a_run_started_on_two_ranks_resumes_on_one(data, tmp_path):
-    run(train_args(data, "maml", tmp_path / "one"))
-    two = tmp_path / "two"
-    run(train_args(data, "maml", two), procs=2)
+def test_a_run_started_on_two_ranks_resumes_on_one(reference, tmp_path):
+    one = reference("maml", 1)[0]
+    two = shutil.copytree(reference("maml", 2)[0], tmp_path / "two")
     for late in ("checkpoint-0000008.safetensors", "checkpoint-0000012.safetensors"):  # as if it died after step 4
         (two / late).unlink()
     run(["train", "--resume", str(two), "--no-eval", "--no-progress"])
-    assert_same(final_state(tmp_path / "one", 12), final_state(two, 12))
+    assert_same(final_state(one, 12), final_state(two, 12))
 
 
-def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(data, tmp_path):
-    run(train_args(data, "protonet", tmp_path / "clean"), procs=2)
+def test_torchrun_elastic_restart_resumes_from_the_last_checkpoint(data, reference, tmp_path):
+    clean = reference("protonet", 2)[0]
     # elastic rendezvous (c10d) on loopback, as the README shows; each restart gets a fresh group
     out = run(train_args(data, "protonet", tmp_path / "crashy"), procs=2,
               torchrun_args=["--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"],
               env={"METALAB_FAULT_AT_STEP": "6"})
     assert "Resuming" in out.stdout  # the restarted group continued from checkpoint 4, not from scratch
-    assert_same(final_state(tmp_path / "clean", 12), final_state(tmp_path / "crashy", 12))
-    assert_same_metrics(metrics(tmp_path / "clean"), metrics(tmp_path / "crashy"))
+    assert_same(final_state(clean, 12), final_state(tmp_path / "crashy", 12))
+    assert_same_metrics(metrics(clean), metrics(tmp_path / "crashy"))
 
 
 def test_meta_batch_must_divide_over_the_ranks(data, tmp_path):
