@@ -420,7 +420,7 @@ def png(array: np.ndarray) -> str:
 
 def test_image_run_adapters(tmp_path, omniglot):
     cfg = RunConfig.from_dict({"train": {"algo": "maml", "ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 100,
-                                         "device": "cpu"}})
+                                         "val_episodes": 4, "device": "cpu"}})  # the run only has to exist
     MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).train()
     db = tmp_path / "r.sqlite"
     key = Registry(db).create_key("alice")
