@@ -265,6 +265,8 @@ def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
     (tmp_path / "run" / "eval.json").write_text(json.dumps({"full_task": [{"out_of_scope": {"threshold": -3.5}}]}))
     assert default_threshold(tmp_path / "run", "algorithm") == -3.5
     assert default_threshold(tmp_path / "run", "logistic") is None
+    with pytest.raises(DataError, match="is a folder, not an adapter file; pass the .safetensors file"):
+        Adapter.load(tmp_path / "run")
     with pytest.raises(Exception, match="is damaged or not an adapter"):
         (tmp_path / "bad.safetensors").write_bytes(b"nope")
         Adapter.load(tmp_path / "bad.safetensors")

@@ -174,6 +174,9 @@ class Adapter:
         path = Path(path)
         if not path.exists():
             raise DataError(f"Adapter file '{path}' does not exist; create one with `metalab adapt`.")
+        if path.is_dir():
+            raise DataError(f"'{path}' is a folder, not an adapter file; pass the .safetensors file that "
+                            "`metalab adapt --out` wrote.")
         loaded = load_tensors(path)
         if loaded is None:
             raise CheckpointError(f"Adapter file '{path}' is damaged or not an adapter; create it again with `metalab adapt`.")
