@@ -449,6 +449,9 @@ def test_image_run_adapters(tmp_path, omniglot):
         assert bad.status_code == 422 and "not a readable PNG or JPEG" in bad.json()["error"]["message"]
         bad = c.post(f"/v1/adapters/{ad.json()['id']}/predict", json={"texts": ["a"]})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "images"
+        models = c.get("/openapi.json").json()["components"]["schemas"]  # the spec says what this run takes
+        assert "text" not in models["ExampleIn"]["properties"] and "image" in models["ExampleIn"]["required"]
+        assert "images" in models["PredictIn"]["required"] and "lexical_weight" not in models["AdapterCreate"]["properties"]
         for option in ({"names_as_examples": True}, {"lexical_weight": 0.1}):
             bad = c.post("/v1/adapters", json={"name": "x", "examples": support, **option})
             assert bad.status_code == 422 and bad.json()["error"]["field"] == next(iter(option)), bad.text
@@ -469,6 +472,29 @@ def test_image_run_adapters(tmp_path, omniglot):
 
 
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------------
+
+def test_openapi_spec_describes_what_this_run_accepts(service):
+    """A text run's spec asks for texts only (required, not blank); every request the tests send fits it."""
+    import jsonschema_rs  # installed with schemathesis
+
+    server, keys, _ = service
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    models = spec["components"]["schemas"]
+    example, predict = models["ExampleIn"], models["PredictIn"]
+    assert "image" not in example["properties"] and {"label", "text"} <= set(example["required"])
+    assert "images" not in predict["properties"] and "texts" in predict["required"]
+    assert "lexical_weight" in models["AdapterCreate"]["properties"]
+    resolver = {"components": {"schemas": models}}
+    check = lambda name, body: jsonschema_rs.validate({**models[name], **resolver}, body)  # noqa: E731
+    check("AdapterCreate", {"name": "bank", "examples": examples(), "names_as_examples": True, "lexical_weight": 0.1})
+    check("PredictIn", {"texts": QUERIES, "top_k": 2})
+    for bad in ({"label": "x", "image": "aGk="}, {"label": "x", "text": "   "}, {"label": " ", "text": "hi"}, {"label": "x"}):
+        with pytest.raises(jsonschema_rs.ValidationError):
+            check("ExampleIn", bad)
+        with client(server, keys["alice"]) as c:  # and the server refuses each, naming the field
+            r = c.post("/v1/adapters", json={"name": "x", "examples": examples()[:3] + [bad]})
+            assert r.status_code == 422 and r.json()["error"]["field"].startswith("examples.3"), r.text
+
 
 def test_schemathesis_finds_no_server_error(service, tmp_path):
     server, keys, _ = service

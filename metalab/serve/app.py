@@ -246,7 +246,40 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
             out.append({"label": p.label, "scores": dict(ranked), "out_of_scope": p.out_of_scope})
         return {"adapter": record.id, "version": record.version, "predictions": out}
 
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            narrow_spec_to_modality(generated_openapi(), served.modality)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return BodyLimit(app, max_body) if max_body else app
+
+
+def narrow_spec_to_modality(spec: dict, modality: str) -> dict:
+    """The generated OpenAPI ``spec``, changed in place to what this server accepts: a text run's
+    examples and inputs are texts (required, not blank) with no image fields; an image run's are
+    images, without the text-only options and text request examples. The pydantic models stay
+    modality-neutral (one library, two kinds of run); the checks in the routes are the same rules."""
+    wanted, other = ("text", "image") if modality == "text" else ("image", "text")
+    models = spec["components"]["schemas"]
+    for name, keep, drop in (("ExampleIn", wanted, other), ("PredictIn", f"{wanted}s", f"{other}s")):
+        model = models[name]
+        model["properties"].pop(drop)
+        field = model["properties"][keep]
+        field.update(next(branch for branch in field.pop("anyOf") if branch.get("type") != "null"))
+        model["required"] = [*model.get("required", []), keep]
+    example = models["ExampleIn"]["properties"]
+    example["label"]["pattern"] = r"\S"  # check_examples refuses blank labels (and blank texts)
+    if modality == "text":
+        example["text"]["pattern"] = r"\S"
+    else:
+        for option in ("names_as_examples", "lexical_weight"):
+            models["AdapterCreate"]["properties"].pop(option)
+        for name in ("AdapterCreate", "ExamplesAdd", "PredictIn"):
+            models[name].pop("examples", None)
+    return spec
 
 
 def check_examples(examples: list[schemas.ExampleIn], modality: str) -> list[schemas.ExampleIn]:
