@@ -440,6 +440,12 @@ def test_the_lexical_classifier_learns_word_cues_from_the_support_only():
     # texts without a word of two letters still have character n-grams
     symbols = LexicalClassifier().fit(["? ?", "! !"], torch.tensor([0, 1]), 2)
     assert symbols.log_probs(["?"]).argmax(-1).item() == 0
+    # one shot per label is normal here: scikit-learn's "looks like regression" warning is not shown
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LexicalClassifier().fit([f"request number {i} of kind {i}" for i in range(30)], torch.arange(30), 30)
 
 
 def test_the_lexical_classifier_names_its_misuse():

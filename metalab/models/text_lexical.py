@@ -11,6 +11,7 @@ scikit-learn's ``TfidfVectorizer`` and ``LogisticRegression`` do the work.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -49,7 +50,9 @@ class LexicalClassifier:
             raise ConfigError("The lexical classifier found no character n-grams in the support texts; "
                               "give texts with words, or leave the lexical weight at 0.")
         self.ways = ways
-        self.model = LogisticRegression(C=self.c, max_iter=self.max_iter).fit(self._features(texts), labels.numpy())
+        with warnings.catch_warnings():  # one shot per label is the few-shot norm, not a regression target
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+            self.model = LogisticRegression(C=self.c, max_iter=self.max_iter).fit(self._features(texts), labels.numpy())
         return self
 
     def log_probs(self, texts: Sequence[str]) -> torch.Tensor:
