@@ -33,7 +33,7 @@ import torch
 from metalab.algorithms import build_algorithm
 from metalab.algorithms.frozen_heads import fit_head
 from metalab.data.catalog import CLINC150_TEST_DOMAINS, load_splits
-from metalab.data.text import load_clinc150
+from metalab.data.text import label_name_texts, load_clinc150
 from metalab.engine import MetaTrainer, RunConfig
 from metalab.data import EpisodeSampler
 from metalab.engine.evaluate import encode_source, evaluate_sampler, mean_ci95
@@ -44,10 +44,6 @@ from metalab.models.text_encoder import SentenceEncoder, embed_corpus, encode_te
 from metalab.models.text_lexical import LexicalClassifier, combine_log_probs
 
 LAYERS = (4, 5, 6)
-
-
-def _name_texts(class_names: list[str]) -> list[str]:
-    return [n.replace("_", " ") for n in class_names]
 
 
 def _head(kind: str, names: torch.Tensor | None = None, **options):
@@ -65,7 +61,7 @@ def all_intents(draws: int, log) -> list[tuple[str, dict]]:
     for layers in (None, LAYERS):
         encoder = SentenceEncoder(layers=layers)
         source = embed_corpus(corpus, encoder)
-        names = encode_texts(encoder, _name_texts(corpus.class_names), progress=False)
+        names = encode_texts(encoder, label_name_texts(corpus.class_names), progress=False)
         feature = "pooled" if layers is None else "layers 4-6"
         heads = [("prototypes", {}), ("logistic", {"c": 30.0}), ("ridge", {"lam": 1.0})]
         for kind, options in heads:
@@ -106,7 +102,7 @@ def frozen_with_lexical(draws: int, weight: float, log) -> list[tuple[str, dict]
     encoder = SentenceEncoder(layers=LAYERS)
     source = embed_corpus(corpus, encoder)
     texts = source.meta["per_example"]["text"]
-    names = _name_texts(corpus.class_names)
+    names = label_name_texts(corpus.class_names)
     name_z = encode_texts(encoder, names, progress=False)
     scores: dict[str, list] = {"alone": [], "lexical": []}
     t = time.perf_counter()
@@ -146,7 +142,7 @@ def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log)
     encoder = SentenceEncoder(layers=LAYERS)
     source = embed_corpus(corpus, encoder)  # only to draw support indices and hold the test texts
     texts = source.meta["per_example"]["text"]
-    names = _name_texts(corpus.class_names)
+    names = label_name_texts(corpus.class_names)
     metrics: dict[str, list] = {}
     seconds = []
     for d in range(draws):

@@ -286,6 +286,9 @@ def test_adapter_with_label_names_and_a_lexical_weight(tiny_encoder_dir, tmp_pat
     lexical_only = adapt_from_file(tmp_path / "run", support, head="logistic", lexical_weight=1.0)
     named = adapt_from_file(tmp_path / "run", support, head="logistic", names_as_examples=True, lexical_weight=2.0)
     assert len(named.support_y) == len(plain.support_y) + 6 and named.support_texts[-6:] == sorted(INTENTS)
+    from metalab.data.text import label_name_texts  # the one rule adapt, serve and the benchmarks share
+
+    assert label_name_texts(["book_flight", "pin", "what_is_your_name"]) == ["book flight", "pin", "what is your name"]
     # the random tiny encoder barely separates intents (0.50 here); the labels' own words and the
     # lexical classifier's n-grams each help (0.61, 0.83; both 1.00)
     assert accuracy(names_only) > accuracy(plain)

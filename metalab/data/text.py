@@ -199,6 +199,12 @@ def _as_row(path: Path, line: int, item) -> dict:
     return item
 
 
+def label_name_texts(labels: list[str]) -> list[str]:
+    """Each label read as a text, underscores as spaces (``"book_flight"`` → ``"book flight"``): the
+    extra examples ``names_as_examples`` adds, in ``metalab adapt``, ``metalab serve`` and the benchmarks."""
+    return [label.replace("_", " ") for label in labels]
+
+
 def is_text_spec(spec: str) -> bool:
     """Whether a data spec names text (``clinc150`` or a .csv / .tsv / .jsonl / .json file)."""
     return spec == "clinc150" or Path(spec).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")

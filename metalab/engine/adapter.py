@@ -28,7 +28,7 @@ import torch
 from metalab.algorithms.frozen_heads import HEADS, fit_head
 from metalab.data.cache import load_tensors, save_tensors_atomic
 from metalab.data.catalog import text_options
-from metalab.data.text import is_text_spec, load_text_table
+from metalab.data.text import is_text_spec, label_name_texts, load_text_table
 from metalab.engine.text_eval import confidence
 from metalab.engine.trainer import load_trained
 from metalab.errors import CheckpointError, ConfigError, DataError
@@ -241,7 +241,7 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         corpus = load_text_table(support, text_column, label_column, domain_column=None, min_per_class=1)
         texts, y = list(corpus.texts), corpus.y
         if names_as_examples:
-            texts += [name.replace("_", " ") for name in corpus.class_names]
+            texts += label_name_texts(corpus.class_names)
             y = torch.cat([y, torch.arange(len(corpus.class_names))])
         encoder = run_encoder(config)
         tuned = None

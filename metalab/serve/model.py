@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from metalab.data.folders import image_array
-from metalab.data.text import is_text_spec
+from metalab.data.text import is_text_spec, label_name_texts
 from metalab.engine.adapter import Adapter, default_threshold, run_encoder
 from metalab.engine.trainer import load_trained
 from metalab.errors import InputError
@@ -175,7 +175,7 @@ class ServedRun:
         y = torch.tensor([index[e.label] for e in examples])
         texts = [e.text for e in examples] if self.modality == "text" else None
         if names_as_examples:
-            names = [label.replace("_", " ") for label in labels]
+            names = label_name_texts(labels)
             x = torch.cat([x, self._encode.alone(names).float().cpu()])
             y = torch.cat([y, torch.arange(len(labels))])
             texts = texts + names
