@@ -285,25 +285,27 @@ def adapt(
 
 @app.command()
 def predict(
-    texts: list[str] = typer.Argument(..., help="Texts to classify."),
+    inputs: list[str] = typer.Argument(..., help="Texts to classify (text adapters) or image files (image adapters)."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter file from `metalab adapt`."),
-    top: int = typer.Option(3, help="Scores shown per text."),
+    top: int = typer.Option(3, help="Scores shown per input."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
-    """Label texts with an adapter: best label, top scores and the out-of-scope flag."""
+    """Label texts or images with an adapter: best label, top scores and the out-of-scope flag."""
     import json
 
     from metalab.engine.adapter import Adapter
 
-    predictions = Adapter.load(adapter).predict(texts)
+    fitted = Adapter.load(adapter)
+    predictions = fitted.predict(inputs)
+    kind = "text" if fitted.text else "image"
     if as_json:
-        for text, p in zip(texts, predictions):
-            print(json.dumps({"text": text, "label": p.label, "scores": p.scores, "out_of_scope": p.out_of_scope}))
+        for item, p in zip(inputs, predictions):
+            print(json.dumps({kind: item, "label": p.label, "scores": p.scores, "out_of_scope": p.out_of_scope}))
         return
     table = Table(title=f"predictions ({adapter})")
-    for col in ("text", "label", "top scores", "out of scope"):
+    for col in (kind, "label", "top scores", "out of scope"):
         table.add_column(col)
-    for text, p in zip(texts, predictions):
+    for text, p in zip(inputs, predictions):
         best = sorted(p.scores.items(), key=lambda kv: -kv[1])[:top]
         table.add_row(text, p.label, ", ".join(f"{k} {v:.3f}" for k, v in best),
                       "-" if p.out_of_scope is None else ("yes" if p.out_of_scope else "no"))

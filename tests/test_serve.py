@@ -25,7 +25,7 @@ from PIL import Image
 
 from metalab.engine import MetaTrainer, RunConfig
 from metalab.engine.adapter import Adapter
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataError
 from metalab.serve.app import create_app
 from metalab.serve.model import ServedRun
 from metalab.serve.registry import MIGRATIONS, SCHEMA_VERSION, Registry
@@ -469,6 +469,26 @@ def test_image_run_adapters(tmp_path, omniglot):
     for option in ({"names_as_examples": True}, {"lexical_weight": 0.1}, {"finetune_epochs": 2}):
         with pytest.raises(ConfigError, match="apply to text runs only"):
             adapt_from_file(tmp_path / "run", tmp_path, **option)
+
+    # `metalab adapt` on a folder of scans, then `metalab predict` on image files: the server's predictions
+    for i in range(9):
+        folder = tmp_path / ("support" if i % 3 != 2 else "queries") / (f"c{labels[i]}" if i % 3 != 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pages[i]).save(folder / f"{i}.png")
+    saved = adapt_from_file(tmp_path / "run", tmp_path / "support").save(tmp_path / "chars.safetensors")
+    queries = [str(tmp_path / "queries" / f"{i}.png") for i in (2, 5, 8)]
+    from typer.testing import CliRunner
+
+    from metalab.cli import app
+
+    out = CliRunner().invoke(app, ["predict", "--adapter", str(saved), "--json", *queries])
+    assert out.exit_code == 0, out.output
+    lines = [json.loads(line) for line in out.output.splitlines()]
+    assert [line["image"] for line in lines] == queries and [line["label"] for line in lines] == [p.label for p in want]
+    for line, w in zip(lines, want):
+        assert max(abs(line["scores"][k] - w.scores[k]) for k in w.scores) < 1e-4
+    out = CliRunner().invoke(app, ["predict", "--adapter", str(saved), queries[0], str(tmp_path / "missing.png")])
+    assert isinstance(out.exception, DataError) and "missing.png' does not exist" in str(out.exception)  # main() prints it
 
 
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------------

@@ -64,6 +64,25 @@ def image_array(img: Image.Image, image_size: int = 28, channels: int = 1) -> np
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+def ink_high(arr: np.ndarray) -> np.ndarray:
+    """A grayscale ``uint8`` image with ink as high values, as the training images store it: a light
+    page (mean pixel over 127) is inverted, so dark-on-white scans and white-on-dark images both work."""
+    return 255 - arr if arr.mean() > 127 else arr
+
+
+def read_image_file(path: str | Path, image_size: int = 28, channels: int = 1) -> np.ndarray:
+    """One image file → ``uint8 [channels, image_size, image_size]``, prepared as
+    :func:`load_image_folder` prepares its images (grayscale ones ink-high, judged per image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Image '{path}' does not exist or is not a file; pass the path of a .png or .jpg file.")
+    try:
+        arr = image_array(Image.open(path), image_size, channels)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise DataError(f"Image '{path}' cannot be read ({exc.__class__.__name__}); pass a PNG or JPEG file.") from None
+    return ink_high(arr) if channels == 1 else arr
+
+
 def _images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from metalab.algorithms.frozen_heads import HEADS, fit_head
@@ -147,13 +148,27 @@ class Adapter:
             out.append(Prediction(self.labels[best], {l: round(float(p), 6) for l, p in zip(self.labels, row)}, oos))
         return out
 
-    def predict(self, inputs: Sequence[str] | torch.Tensor) -> list[Prediction]:
-        """Texts (text runs) or an image tensor ``[B, C, H, W]`` → predictions."""
+    def predict(self, inputs: Sequence[str] | Sequence[Path] | torch.Tensor) -> list[Prediction]:
+        """Texts (text runs); image files or an image tensor ``[B, C, H, W]`` (image runs) → predictions."""
         if self.text:
             if isinstance(inputs, torch.Tensor):
                 raise DataError("This adapter belongs to a text run; pass strings.")
             return self.predict_inputs(self.embed(inputs), list(inputs))
+        if not isinstance(inputs, torch.Tensor):
+            inputs = self.read_images(inputs)
         return self.predict_inputs(torch.as_tensor(inputs))
+
+    def read_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """Image files → ``uint8 [B, C, H, W]`` at the support images' size and channels, prepared as
+        `metalab adapt` prepared the support folder (grayscale ink-high)."""
+        from metalab.data.folders import read_image_file
+
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        if len(paths) == 0:
+            raise DataError("No images to predict; pass one or more image files.")
+        channels, size = int(self.support_x.shape[1]), int(self.support_x.shape[-1])
+        return torch.from_numpy(np.stack([read_image_file(p, size, channels) for p in paths]))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -257,7 +272,8 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
             x = encode_texts(encoder, texts, progress=False)
         adapter = Adapter(run_dir, x, y, corpus.class_names, head, threshold, device, support_texts=texts,
                           lexical_weight=lexical_weight, tuned_encoder=tuned)
-        adapter._encoder = tuned or encoder
+        if tuned is None:
+            adapter._encoder = encoder  # the model already loaded here: predict() need not load it again
         return adapter
     if names_as_examples or lexical_weight or finetune_epochs:
         raise ConfigError("--names-as-examples, --lexical-weight and --finetune-epochs apply to text runs only; "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from metalab.data.folders import image_array
+from metalab.data.folders import image_array, ink_high
 from metalab.data.text import is_text_spec, label_name_texts
 from metalab.engine.adapter import Adapter, default_threshold, run_encoder
 from metalab.engine.trainer import load_trained
@@ -131,9 +131,7 @@ class ServedRun:
             arr = image_array(img, size, channels)  # decodes: a truncated file fails here
         except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
             raise unreadable from None
-        if channels == 1 and arr.mean() > 127:
-            arr = 255 - arr  # dark strokes on a light page: ink as high values, as in training
-        return arr
+        return ink_high(arr) if channels == 1 else arr  # dark strokes on a light page: ink high, as in training
 
     @staticmethod
     def decode_images(encoded: Sequence[str], field: str = "images.{}") -> list[bytes]:
