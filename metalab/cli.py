@@ -287,7 +287,7 @@ def adapt(
 def predict(
     inputs: list[str] = typer.Argument(..., help="Texts to classify (text adapters) or image files (image adapters)."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter file from `metalab adapt`."),
-    top: int = typer.Option(3, help="Scores shown per input."),
+    top: int = typer.Option(3, min=1, help="Scores shown per input."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
     """Label texts or images with an adapter: best label, top scores and the out-of-scope flag."""
@@ -457,13 +457,14 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # usage errors: click's classes (older typer) or typer's own copy of them (typer ≥ 0.2x)
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
+        usage_errors = (click.exceptions.ClickException, *([typer.TyperException] if hasattr(typer, "TyperException") else []))
+        if isinstance(exc, usage_errors) and hasattr(exc, "show"):
+            exc.show()  # "Error: Missing parameter: adapter", not a traceback
+            sys.exit(getattr(exc, "exit_code", 2))
+        if isinstance(exc, (click.exceptions.Exit, typer.Exit)):
             sys.exit(exc.exit_code)
         raise
 

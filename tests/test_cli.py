@@ -71,6 +71,16 @@ def test_datasets_lists_bundled_sources():
     assert out.returncode == 0 and "omniglot" in out.stdout and "242" in out.stdout
 
 
+def test_usage_errors_are_one_line_not_a_traceback():
+    for args, says in ((["predict", "hello"], "Missing option '--adapter'"),
+                       (["train", "--steps", "many"], "valid integer"),
+                       (["predict", "--adapter", "a.safetensors", "--top", "0", "hello"], "greater than or equal to 1"),
+                       (["adapt", "--run", "r", "--support", "s", "--lexical-weight", "-1"], "greater than or equal to 0")):
+        out = metalab(*args)
+        assert out.returncode == 2 and says in out.stderr, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and "╭" not in out.stderr and len(out.stderr.strip().splitlines()) <= 5, (args, out.stderr)
+
+
 def test_help_and_keys_answer_without_loading_torch(tmp_path):
     """Commands that need no model (--help, `keys`) must not pay torch's ~3 s import."""
     code = ("import sys; from metalab.cli import main; sys.argv = ['metalab', *sys.argv[1:]]; main(); "
