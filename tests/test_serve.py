@@ -476,6 +476,10 @@ def test_image_run_adapters(tmp_path, omniglot):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pages[i]).save(folder / f"{i}.png")
     saved = adapt_from_file(tmp_path / "run", tmp_path / "support").save(tmp_path / "chars.safetensors")
+    (tmp_path / "lonely" / "c0").mkdir(parents=True)
+    Image.fromarray(pages[0]).save(tmp_path / "lonely" / "c0" / "0.png")
+    with pytest.raises(DataError, match="has examples of one label only"):
+        adapt_from_file(tmp_path / "run", tmp_path / "lonely")
     queries = [str(tmp_path / "queries" / f"{i}.png") for i in (2, 5, 8)]
     from typer.testing import CliRunner
 

@@ -267,6 +267,9 @@ def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
     assert default_threshold(tmp_path / "run", "logistic") is None
     with pytest.raises(DataError, match="is a folder, not an adapter file; pass the .safetensors file"):
         Adapter.load(tmp_path / "run")
+    one_label = write_csv(tmp_path / "one.csv", [("hi there", "greet"), ("hello", "greet")], "text,label")
+    with pytest.raises(DataError, match=r"one.csv' has examples of one label only \('greet'\); an adapter chooses"):
+        adapt_from_file(tmp_path / "run", one_label)
     with pytest.raises(Exception, match="is damaged or not an adapter"):
         (tmp_path / "bad.safetensors").write_bytes(b"nope")
         Adapter.load(tmp_path / "bad.safetensors")

@@ -254,6 +254,7 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         from metalab.models.text_encoder import encode_texts
 
         corpus = load_text_table(support, text_column, label_column, domain_column=None, min_per_class=1)
+        _check_two_labels(support, corpus.class_names)
         texts, y = list(corpus.texts), corpus.y
         if names_as_examples:
             texts += label_name_texts(corpus.class_names)
@@ -263,8 +264,6 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         if finetune_epochs:
             from metalab.models.text_finetune import finetune_encoder
 
-            if corpus.num_classes < 2:
-                raise ConfigError(f"Support '{support}' has {corpus.num_classes} label; fine-tuning needs at least 2.")
             tuned = finetune_encoder(encoder, texts, y, corpus.num_classes, epochs=finetune_epochs, lr=finetune_lr,
                                      seed=seed, progress=progress)
             x = tuned.encode(texts)
@@ -283,4 +282,12 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     from metalab.data.folders import load_image_folder
 
     source = load_image_folder(support, config.data.image_size)
+    _check_two_labels(support, source.class_names)
     return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device)
+
+
+def _check_two_labels(support: Path, labels: Sequence[str]) -> None:
+    """An adapter chooses between labels: one label alone would label everything with it."""
+    if len(labels) < 2:
+        raise DataError(f"Support '{support}' has examples of one label only ('{labels[0]}'); an adapter chooses "
+                        "between labels, so add examples of at least one more.")
