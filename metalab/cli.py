@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from metalab.errors import ConfigError, MetalabError
@@ -117,7 +118,7 @@ def train(
         return
     trainer = MetaTrainer(cfg, run_dir, resume=resume is not None, show_progress=progress, log=console.print)
     if trainer.splits is not None:
-        console.print(f"[bold]split:[/] {trainer.splits.description}")
+        console.print(f"[bold]split:[/] {escape(trainer.splits.description)}")
     result = trainer.train()
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if evaluate_after:
@@ -182,7 +183,7 @@ def eval_(
         return
 
     record = evaluate_run(run, settings, episodes, device, show_progress=progress, split=split)
-    console.print(f"split: {record['split_description']}")
+    console.print(f"split: {escape(record['split_description'])}")
     console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
     if record.get("full_task"):
         console.print(_full_task_table(record["full_task"]))
@@ -197,7 +198,7 @@ def algorithms() -> None:
     for col in ("name", "tasks", "options (train.algo_options)", "what"):
         table.add_column(col)
     for name, spec in ALGORITHMS.items():
-        table.add_row(name, ", ".join(spec.tasks), ", ".join(spec.options) or "-", spec.summary)
+        table.add_row(name, ", ".join(spec.tasks), escape(", ".join(spec.options) or "-"), escape(spec.summary))
     rl = {"maml-rl": "MAML with a policy-gradient inner loop (second order through the inner step)",
           "fomaml-rl": "first-order MAML on policies",
           "reptile-rl": "Reptile on policies (rl.inner_steps PG steps, then move towards them)",
@@ -307,7 +308,7 @@ def predict(
         table.add_column(col)
     for text, p in zip(inputs, predictions):
         best = sorted(p.scores.items(), key=lambda kv: -kv[1])[:top]
-        table.add_row(text, p.label, ", ".join(f"{k} {v:.3f}" for k, v in best),
+        table.add_row(escape(text), escape(p.label), escape(", ".join(f"{k} {v:.3f}" for k, v in best)),
                       "-" if p.out_of_scope is None else ("yes" if p.out_of_scope else "no"))
     console.print(table)
 
@@ -410,7 +411,7 @@ def keys_list(db: Optional[Path] = typer.Option(None, help="Registry file.")) ->
     for col in ("tenant", "key starts", "created", "revoked"):
         table.add_column(col)
     for k in _registry(db).list_keys():
-        table.add_row(k["tenant"], k["prefix"] + "…", k["created"], k["revoked"] or "-")
+        table.add_row(escape(k["tenant"]), k["prefix"] + "…", k["created"], k["revoked"] or "-")
     console.print(table)
 
 
@@ -452,7 +453,7 @@ def main() -> None:
             sys.stderr.flush()
             os._exit(0)
     except MetalabError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)  # "[min, max]" is text, not markup
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")

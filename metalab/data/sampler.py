@@ -19,7 +19,10 @@ FLOAT_COPY_LIMIT_BYTES = 512 * 2**20
 
 
 def _as_range(value: IntOrRange, name: str) -> tuple[int, int]:
-    lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ConfigError(f"{name}={value!r} is invalid; give a positive integer or a (min, max) pair with min <= max.")
+    lo, hi = pair
     if lo < 1 or hi < lo:
         raise ConfigError(f"{name}={value!r} is invalid; give a positive integer or a (min, max) pair with min <= max.")
     return int(lo), int(hi)

@@ -12,6 +12,10 @@ from metalab.engine.precision import check_precision
 from metalab.errors import ConfigError
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class DataConfig:
     source: str = "omniglot"  #: 'omniglot', 'clinc150', 'sinusoid', an image folder 'root/<class>/*.png', an '.npz' with x, y, or a text .csv/.jsonl
@@ -146,6 +150,10 @@ class RunConfig:
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}={value!r} is invalid; it must be a positive integer.")
+        for key, value in {"train.ways": t.ways, "train.shots": t.shots}.items():
+            if not (_positive_int(value) or (isinstance(value, (list, tuple)) and len(value) == 2
+                                             and all(map(_positive_int, value)) and value[0] <= value[1])):
+                raise ConfigError(f"{key}={value!r} is invalid; give a positive integer or a [min, max] pair with min <= max.")
         if not t.lr > 0:
             raise ConfigError(f"train.lr={t.lr!r} is invalid; it must be a positive number.")
         from metalab.data.planner import PLANNERS
