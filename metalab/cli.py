@@ -166,7 +166,7 @@ def _assign(raw: dict, dotted: str, value) -> None:
 def eval_(
     run: Path = typer.Argument(..., help="Run folder."),
     setting: list[str] = typer.Option([], "--setting", help="e.g. 5w1s; repeat for several (default: the run's eval.settings)."),
-    episodes: Optional[int] = typer.Option(None, help="Test episodes per setting (default 600)."),
+    episodes: Optional[int] = typer.Option(None, min=1, help="Test episodes per setting (default: the run's eval.episodes, 600)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     split: str = typer.Option("test", help="test or val."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -317,8 +317,8 @@ def predict(
 def report(
     run: Path = typer.Argument(..., help="Run folder."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default RUN/report)."),
-    episodes: int = typer.Option(300, help="Test episodes per point (accuracy vs shots, per-class analysis)."),
-    k: int = typer.Option(5, help="Nearest classes per class in the knowledge graph."),
+    episodes: int = typer.Option(300, min=1, help="Test episodes per point (accuracy vs shots, per-class analysis)."),
+    k: int = typer.Option(5, min=1, help="Nearest classes per class in the knowledge graph."),
 ) -> None:
     """Write an HTML report (curves, accuracy vs shots, domains, weakest classes, knowledge graph, config)."""
     from metalab.report.html import build_report
@@ -389,17 +389,22 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service's ten
 app.add_typer(keys_app, name="keys")
 
 
-def _registry(db: Optional[Path]):
+def _registry(db: Optional[Path], create: bool = False):
+    """The registry at ``db`` (default: ``$METALAB_HOME/registry.sqlite``); only ``keys create`` makes a new one."""
     from metalab.serve import Registry, default_registry_path
 
-    return Registry(db or default_registry_path())
+    path = db or default_registry_path()
+    if not create and not Path(path).exists():
+        raise ConfigError(f"Registry '{path}' does not exist; create a key first with `metalab keys create TENANT"
+                          f"{'' if db is None else f' --db {db}'}`, or pass the --db that `keys create` used.")
+    return Registry(path)
 
 
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Argument(..., help="Tenant name (created if new)."),
                 db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite).")) -> None:
     """Create an API key for TENANT; it is printed once and only its hash is kept."""
-    key = _registry(db).create_key(tenant)
+    key = _registry(db, create=True).create_key(tenant)
     err_console.print(f"API key for tenant '{tenant}' (shown once; send it as 'Authorization: Bearer <key>'):")
     print(key)
 

@@ -75,7 +75,8 @@ def test_usage_errors_are_one_line_not_a_traceback():
     for args, says in ((["predict", "hello"], "Missing option '--adapter'"),
                        (["train", "--steps", "many"], "valid integer"),
                        (["predict", "--adapter", "a.safetensors", "--top", "0", "hello"], "greater than or equal to 1"),
-                       (["adapt", "--run", "r", "--support", "s", "--lexical-weight", "-1"], "greater than or equal to 0")):
+                       (["adapt", "--run", "r", "--support", "s", "--lexical-weight", "-1"], "greater than or equal to 0"),
+                       (["eval", "r", "--episodes", "0"], "greater than or equal to 1")):
         out = metalab(*args)
         assert out.returncode == 2 and says in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and "╭" not in out.stderr and len(out.stderr.strip().splitlines()) <= 5, (args, out.stderr)
@@ -93,3 +94,6 @@ def test_help_and_keys_answer_without_loading_torch(tmp_path):
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV, timeout=60)
         assert out.returncode == 0, (args, out.stderr[-2000:])
     assert "dora" in out.stdout
+    elsewhere = tmp_path / "typo" / "r.sqlite"  # listing a registry that is not there makes none
+    out = subprocess.run([sys.executable, "-c", code, "keys", "list", "--db", str(elsewhere)], capture_output=True, text=True, env=ENV, timeout=60)
+    assert out.returncode == 2 and "does not exist; create a key first" in out.stderr and not elsewhere.parent.exists()

@@ -11,7 +11,7 @@ from metalab.engine.distributed import current
 from metalab.engine.evaluate import EvalResult, evaluate, evaluate_regression
 from metalab.engine.run import RunFolder
 from metalab.engine.trainer import load_trained
-from metalab.errors import DataError
+from metalab.errors import ConfigError, DataError
 
 
 def run_splits(config, show_progress: bool = False):
@@ -28,7 +28,9 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
     mean ± 95 % CI per setting."""
     config, algorithm, info = load_trained(run_dir, device)
     d, e = config.data, config.eval
-    episodes = episodes or e.episodes
+    episodes = e.episodes if episodes is None else episodes
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ConfigError(f"episodes={episodes!r} is invalid; evaluate on a positive number of episodes (600 is the field's norm).")
     results: list[EvalResult] = []
     record = {"run": str(run_dir), "step": info["step"], "algo": config.train.algo, "split": split}
     if is_task_family(d.source):
