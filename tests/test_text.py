@@ -259,6 +259,11 @@ def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
         texts = ["how much money is there", "send cash to my sister"]
         a, b = adapter.predict(texts), again.predict(texts)
         assert [p.scores for p in a] == [p.scores for p in b] and [p.out_of_scope for p in a] == [p.out_of_scope for p in b]
+    (one,) = again.predict(texts[0])  # one string is one text, not its characters
+    assert one.label == b[0].label and max(abs(one.scores[k] - v) for k, v in b[0].scores.items()) < 1e-5
+    assert again.predict([]) == []
+    with pytest.raises(DataError, match="Text 2 of 2 is blank; pass texts with words"):
+        again.predict(["hi", "  "])
     # the evaluation's threshold is on the run's own logits: it carries over to its own adapt only
     from metalab.engine.adapter import default_threshold
 

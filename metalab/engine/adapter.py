@@ -149,10 +149,18 @@ class Adapter:
         return out
 
     def predict(self, inputs: Sequence[str] | Sequence[Path] | torch.Tensor) -> list[Prediction]:
-        """Texts (text runs); image files or an image tensor ``[B, C, H, W]`` (image runs) → predictions."""
+        """Texts (text runs); image files or an image tensor ``[B, C, H, W]`` (image runs) → predictions.
+        A single string or path is one input."""
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        if len(inputs) == 0:
+            return []
         if self.text:
             if isinstance(inputs, torch.Tensor):
                 raise DataError("This adapter belongs to a text run; pass strings.")
+            blank = next((i for i, t in enumerate(inputs) if not str(t).strip()), None)
+            if blank is not None:
+                raise DataError(f"Text {blank + 1} of {len(inputs)} is blank; pass texts with words to label.")
             return self.predict_inputs(self.embed(inputs), list(inputs))
         if not isinstance(inputs, torch.Tensor):
             inputs = self.read_images(inputs)
@@ -165,9 +173,9 @@ class Adapter:
 
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        if len(paths) == 0:
-            raise DataError("No images to predict; pass one or more image files.")
         channels, size = int(self.support_x.shape[1]), int(self.support_x.shape[-1])
+        if len(paths) == 0:
+            return torch.zeros(0, channels, size, size, dtype=torch.uint8)
         return torch.from_numpy(np.stack([read_image_file(p, size, channels) for p in paths]))
 
     def save(self, path: str | Path) -> Path:
