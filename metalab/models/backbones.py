@@ -162,11 +162,18 @@ def fold_norm_into_conv(conv: nn.Conv2d, norm: nn.Module, m: torch.Tensor, cov: 
     return folded_w, folded_b
 
 
+def as_model_input(x: torch.Tensor) -> torch.Tensor:
+    """Images as the sources store them (``uint8``, 0–255) → ``float32`` in [0, 1], as the sampler
+    hands them to training; any other input passes unchanged."""
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x
+
+
 class Conv4(nn.Module):
     """Four blocks of conv3×3 (``hidden`` filters) → norm → max-pool 2 → ReLU (Vinyals et al.
     2016; pooling before the ReLU is the same function, see :func:`conv_block`).
 
-    Input ``[B, C, H, W]`` → features ``[B, out_dim]`` (64 for 28×28 inputs, 1600 for 84×84).
+    Input ``[B, C, H, W]`` (float in [0, 1], or ``uint8`` 0–255 as sources store images) → features
+    ``[B, out_dim]`` (64 for 28×28 inputs, 1600 for 84×84).
 
     Fast paths, same numbers: when the first block normalises by batch statistics, its conv and
     norm run as one convolution (:func:`folded_conv_norm`); with ``channels_last = True`` (set on
@@ -192,6 +199,7 @@ class Conv4(nn.Module):
         self.out_dim = hidden * side * side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = as_model_input(x)
         plain = _PLAIN_OPS.get()  # under torch.func.vmap: plain ops only
         if self.channels_last and not plain:
             x = channels_last(x)
@@ -224,7 +232,7 @@ class MLP(nn.Module):
         self.out_dim = dims[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))
+        return self.net(as_model_input(x).flatten(1))
 
 
 def build_backbone(name: str, example_shape: tuple[int, ...], hidden: int = 64, norm: str = "batch") -> nn.Module:
