@@ -93,18 +93,26 @@ def test_maml_head_adapts_to_any_number_of_ways(omniglot):
         assert predictor.logits(b.query_x[0]).shape == (3 * ways, ways)
 
 
-@pytest.mark.parametrize("algo", ["protonet", "maml", "r2d2"])
-def test_adapt_takes_images_as_sources_store_them(omniglot, algo):
-    """uint8 0–255 (a source's x) and float [0, 1] (the sampler's) are the same images to a learner."""
+@pytest.mark.parametrize("algo", ["protonet", "maml", "r2d2", "baseline"])
+def test_adapt_takes_images_as_sources_store_them_and_checks_labels(omniglot, algo):
+    """uint8 0–255 (a source's x) and float [0, 1] (the sampler's) are the same images to a learner;
+    labels outside 0..ways-1 or one short get a clear error, not an IndexError from the loss."""
     torch.manual_seed(0)
-    alg = build_algorithm(algo, build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch"),
-                          {"test_inner_steps": 2} if algo == "maml" else {})
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=16, norm="task-batch")
+    alg = (build_algorithm(algo, backbone, {"test_inner_steps": 2} if algo == "maml" else {}) if algo != "baseline"
+           else ALGORITHMS["baseline"].build(backbone, {"num_classes": 10}))
     picks = torch.cat([torch.nonzero(omniglot.y == c)[:2, 0] for c in range(4)])
     raw = omniglot.x[picks]  # uint8 [8, 1, 28, 28]
     support, query = raw[0::2], raw[1::2]
     as_float = alg.adapt(alg.params(), support.float() / 255, torch.arange(4), 4).logits(query.float() / 255)
     as_stored = alg.adapt(alg.params(), support, torch.arange(4), 4).logits(query)
     assert raw.dtype == torch.uint8 and torch.allclose(as_stored, as_float, atol=1e-5)
+    from metalab.errors import DataError
+
+    with pytest.raises(DataError, match=r"adapt\(\) got labels 0..9 for a 4-way task; number the classes 0..3"):
+        alg.adapt(alg.params(), support, torch.tensor([0, 1, 2, 9]), 4)
+    with pytest.raises(DataError, match="got 4 support examples but 3 labels"):
+        alg.adapt(alg.params(), support, torch.arange(3), 4)
 
 
 def test_maml_per_class_head_is_a_linear_layer_for_its_ways_only(omniglot):

@@ -23,12 +23,24 @@ from torch.func import functional_call
 
 from metalab.algorithms.task_threads import module_for_thread, per_task_backward, resolve_task_threads, supports_task_threads
 from metalab.data.episodes import Episodes
+from metalab.errors import DataError
 from metalab.models.backbones import normalised_biases
 
 
 def sub_params(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Entries of ``params`` under ``prefix`` with the prefix stripped."""
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def check_task(support_x: torch.Tensor, support_y: torch.Tensor, ways: int) -> None:
+    """A clear error for a malformed task given to ``adapt``: one label per support example, and
+    class labels ``0..ways-1`` (float targets are regression and pass)."""
+    if len(support_x) != len(support_y):
+        raise DataError(f"adapt() got {len(support_x)} support examples but {len(support_y)} labels; give one label per example.")
+    if len(support_y) and not support_y.dtype.is_floating_point:
+        low, high = int(support_y.min()), int(support_y.max())
+        if low < 0 or high >= ways:
+            raise DataError(f"adapt() got labels {low}..{high} for a {ways}-way task; number the classes 0..{ways - 1}.")
 
 
 class Predictor:
@@ -115,6 +127,7 @@ class Algorithm(nn.Module):
                 p.grad = None
 
     def adapt(self, params: dict[str, torch.Tensor], support_x: torch.Tensor, support_y: torch.Tensor, ways: int) -> Predictor:
+        """A new task's support ``[N*K, ...]`` with labels ``[N*K]`` in ``0..ways-1`` → its :class:`Predictor`."""
         raise NotImplementedError
 
     def task_logits(self, params: dict[str, torch.Tensor], batch: Episodes) -> torch.Tensor:
@@ -217,6 +230,7 @@ class FeatureHeadAlgorithm(Algorithm):
         return loss, {"loss": loss.item(), "acc": accuracy(logits.detach(), batch.query_y).mean().item()}
 
     def adapt(self, params, support_x, support_y, ways):
+        check_task(support_x, support_y, ways)
         with torch.no_grad():
             support_z = self.encode(params, support_x)[None]
         return Predictor(

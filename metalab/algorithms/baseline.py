@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.algorithms.base import Algorithm, Predictor, accuracy
+from metalab.algorithms.base import Algorithm, Predictor, accuracy, check_task
 from metalab.algorithms.heads import fit_linear_head, linear_logits
 from metalab.data.episodes import Episodes
 
@@ -56,6 +56,7 @@ class Baseline(Algorithm):
         return linear_logits(query_z.detach(), weight, bias, self.cosine, self.scale)
 
     def adapt(self, params, support_x, support_y, ways):
+        check_task(support_x, support_y, ways)
         with torch.no_grad():
             support_z = self.encode(params, support_x)[None]
         weight, bias = fit_linear_head(support_z, support_y[None], ways, self.finetune_steps, self.finetune_lr,

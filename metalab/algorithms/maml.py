@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
-from metalab.algorithms.base import Algorithm, Predictor, sub_params
+from metalab.algorithms.base import Algorithm, Predictor, check_task, sub_params
 from metalab.algorithms.grouped import grouped_features, supports_grouped
 from metalab.algorithms.task_threads import module_for_thread, per_task_backward
 from metalab.models.backbones import plain_norm_ops
@@ -252,6 +252,7 @@ class MAML(Algorithm):
         return vmap(task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
     def adapt(self, params: Params, support_x, support_y, ways: int, steps: int | None = None) -> Predictor:
+        check_task(support_x, support_y, ways)
         detached = {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad():
             fast = self.inner_loop(detached, support_x, support_y, ways, steps or self.test_inner_steps, create_graph=False)
