@@ -69,6 +69,13 @@ def test_csv_and_jsonl_loaders(tmp_path):
     quoted = write_csv(tmp_path / "q.csv", [('"hello, world"', "greet"), ("hi there", "greet"), ("oos text", "oos")], "text,label")
     c3 = load_text_table(quoted)
     assert c3.texts[0] == "hello, world" and c3.out_of_scope["train"] == ["oos text"]
+    spread = tmp_path / "s.csv"  # a quoted text over two lines, a text with U+2028, a BOM, CRLF
+    spread.write_text('\ufefftext,label\r\n"hello\nworld",greet\r\nhi\u2028there,greet\r\nbye,leave\r\nciao,leave\r\n', encoding="utf-8")
+    assert load_text_table(spread).texts == ["hello\nworld", "hi\u2028there", "bye", "ciao"]
+    semicolons = tmp_path / "excel.csv"  # as spreadsheets in many locales save CSV
+    semicolons.write_text("text;label\nhello, world;greet\nhi;greet\nbye;leave\nciao;leave\n", encoding="utf-8")
+    corpus4 = load_text_table(semicolons)
+    assert corpus4.texts[0] == "hello, world" and corpus4.class_names == ["greet", "leave"]
 
 
 @pytest.mark.parametrize("content,suffix,message", [
@@ -78,6 +85,7 @@ def test_csv_and_jsonl_loaders(tmp_path):
     ("text,label\nhi,a\nho,a\nhey,b\n", ".csv", "label 'b' has 1 example(s) but at least 2 are needed"),
     ('{"text": "hi", "label": "a"}\n{"text": "ho", "label": \n', ".jsonl", "line 2 is not valid JSON"),
     ("text,label\nhi,a,extra\n", ".csv", "line 2 has 3 fields but the header has 2"),
+    ('text,label\n"hi\nthere",a\nho,a,extra\n', ".csv", "line 4 has 3 fields"),  # physical line, after a two-line text
     ("text,label\n", ".txt", "use .csv, .tsv, .jsonl or .json"),
 ])
 def test_loader_errors_name_the_problem(tmp_path, content, suffix, message):

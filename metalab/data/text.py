@@ -8,6 +8,7 @@ flow is the same as for images (sampler → episodes → algorithm).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,15 @@ def load_text_table(path: str | Path, text_column: str = "text", label_column: s
                       ["train"] * len(texts), path.stem, {"train": oos})
 
 
+def _delimiter(raw: str, suffix: str) -> str:
+    """Tab for ``.tsv``; for ``.csv`` a comma, or a semicolon when the header has semicolons and no
+    comma (spreadsheets in many locales save CSV that way)."""
+    if suffix == ".tsv":
+        return "\t"
+    header = raw.split("\n", 1)[0]
+    return ";" if ";" in header and "," not in header else ","
+
+
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
     """``(line number, row dict)`` pairs from a CSV (header row) or JSON-lines / JSON-array file."""
     try:
@@ -155,7 +165,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"Text file '{path}' is not UTF-8 (byte {exc.start}); save it as UTF-8.") from None
     suffix = path.suffix.lower()
     if suffix == ".csv" or suffix == ".tsv":
-        reader = csv.reader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.reader(io.StringIO(raw, newline=""), delimiter=_delimiter(raw, suffix))  # quoted newlines stay in their text
         try:
             header = next(reader)
         except StopIteration:
@@ -165,7 +175,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
         if dupes:
             raise DataError(f"Text file '{path}' has duplicate header column(s) {dupes}; give each column a unique name.")
         rows = []
-        for line, values in enumerate(reader, start=2):
+        for values in reader:
+            line = reader.line_num  # the row's last physical line
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
