@@ -66,6 +66,10 @@ def test_csv_and_jsonl_loaders(tmp_path):
     jl.write_text("\n".join(json.dumps({"utterance": t, "intent": l}) for t, l, _ in intent_rows()) + "\n")
     corpus2 = load_text_table(jl, text_column="utterance", label_column="intent")
     assert corpus2.class_names == corpus.class_names and corpus2.domain_names == ["default"]
+    raw = tmp_path / "raw.jsonl"  # JSON written without ASCII escapes may hold U+2028 inside a string
+    raw.write_text("\r\n".join(json.dumps({"text": t, "label": l}, ensure_ascii=False) for t, l in
+                               [("hi\u2028there", "a"), ("yo", "a"), ("bye", "b"), ("ciao", "b")]), encoding="utf-8")
+    assert load_text_table(raw).texts[0] == "hi\u2028there"
     quoted = write_csv(tmp_path / "q.csv", [('"hello, world"', "greet"), ("hi there", "greet"), ("oos text", "oos")], "text,label")
     c3 = load_text_table(quoted)
     assert c3.texts[0] == "hello, world" and c3.out_of_scope["train"] == ["oos text"]

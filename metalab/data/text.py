@@ -192,7 +192,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
                 raise DataError(f"Text file '{path}' is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file.") from None
             return [(i + 1, _as_row(path, i + 1, item)) for i, item in enumerate(items)]
         rows = []
-        for line, text in enumerate(raw.splitlines(), start=1):
+        for line, text in enumerate(raw.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a JSON string
             if not text.strip():
                 continue
             try:
