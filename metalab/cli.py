@@ -352,8 +352,8 @@ def graph(
     from metalab.engine.trainer import load_trained
     from metalab.report.graph import build_graph, class_prototypes, draw_graph, export_graph, nearest_classes, score_neighbours
 
-    config, algorithm, _ = load_trained(run)
-    splits = run_splits(config, show_progress=True)
+    config, algorithm, info = load_trained(run)
+    splits = run_splits(config, show_progress=True, example_shape=info["example_shape"])
     source = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
     if source is None:
         raise ConfigError(f"--split '{split}' is unknown; use test, val or train.")

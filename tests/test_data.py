@@ -93,3 +93,50 @@ def test_npz_source_and_errors(tmp_path):
     np.savez(tmp_path / "nolabels.npz", x=np.zeros((3, 2)))
     with pytest.raises(DataError, match="no array 'y'"):
         load_npz(tmp_path / "nolabels.npz")
+
+
+def test_colour_image_folders_keep_their_colour(tmp_path):
+    """Red and a green of the same luminance are one gray: a colour folder is read as RGB (decided from
+    its images), a run trained on it adapts and predicts in colour, and gray scans stay one channel."""
+    from metalab.engine import MetaTrainer, RunConfig
+    from metalab.engine.adapter import adapt_from_file
+    from metalab.engine.eval_run import evaluate_run
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (255, 0, 0), "green": (0, 130, 0), "blue": (0, 0, 255), "grey": (120, 120, 120), "teal": (0, 128, 128),
+               "olive": (128, 128, 0), "pink": (255, 120, 200), "navy": (0, 0, 110), "orange": (255, 140, 0), "white": (240, 240, 240)}
+
+    def write(root, name, rgb, count):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.clip(np.array(rgb)[None, None] + rng.integers(-8, 9, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+    for name, rgb in colours.items():
+        write(tmp_path / "colours", name, rgb, 6)
+    src = load_image_folder(tmp_path / "colours", image_size=16)
+    assert src.x.shape == (60, 3, 16, 16)
+    gray = load_image_folder(tmp_path / "colours", image_size=16, channels=1)
+    red, green = (gray.x[gray.y == gray.class_names.index(c)].float().mean() for c in ("red", "green"))
+    assert gray.x.shape[1] == 1 and abs(red - green) < 3  # the same gray: only colour tells them apart
+    write(tmp_path / "scans", "a", (200, 200, 200), 2)  # gray content saved as RGB stays one channel
+    write(tmp_path / "scans", "b", (30, 30, 30), 2)
+    assert load_image_folder(tmp_path / "scans").x.shape[1] == 1
+    with pytest.raises(DataError, match="channels=2 is invalid"):
+        load_image_folder(tmp_path / "scans", channels=2)
+
+    cfg = RunConfig.from_dict({"data": {"source": str(tmp_path / "colours"), "image_size": 16},
+                               "train": {"algo": "protonet", "ways": 2, "shots": 1, "queries": 2, "steps": 2,
+                                         "val_every": 100, "val_episodes": 2, "device": "cpu"},
+                               "eval": {"queries": 2}})
+    MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).train()
+    record = evaluate_run(tmp_path / "run", [[2, 1]], episodes=4, show_progress=False)
+    assert len(record["results"]) == 1
+    write(tmp_path / "support", "red", colours["red"], 2)
+    write(tmp_path / "support", "green", colours["green"], 2)
+    adapter = adapt_from_file(tmp_path / "run", tmp_path / "support", head="prototypes")
+    assert adapter.support_x.shape[1:] == (3, 16, 16)
+    write(tmp_path / "queries", "q", colours["green"], 1)
+    write(tmp_path / "queries", "r", colours["red"], 1)
+    labels = [p.label for p in adapter.predict([tmp_path / "queries" / "q" / "0.png", tmp_path / "queries" / "r" / "0.png"])]
+    assert labels == ["green", "red"]

@@ -14,13 +14,16 @@ from metalab.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-def load_image_folder(root: str | Path, image_size: int = 28, channels: int = 1) -> LabelledSource:
+def load_image_folder(root: str | Path, image_size: int = 28, channels: int | None = None) -> LabelledSource:
     """``root/<class>/*.png|jpg`` → ``uint8 [M, channels, image_size, image_size]``.
 
     A two-level layout ``root/<domain>/<class>/*`` is read too, with the first level as domain.
-    Grayscale images are stored ink-high (inverted) only if ``channels == 1`` and the folder's
+    ``channels``: 1 (grayscale) or 3 (RGB); ``None`` reads a sample of the images and takes 3 when
+    they are in colour, else 1. Grayscale images are stored ink-high (inverted) when the folder's
     mean pixel is bright, so dark-on-white scans and white-on-dark images both work.
     """
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels={channels!r} is invalid; use 1 (grayscale), 3 (RGB) or None (decide from the images).")
     root = Path(root)
     if not root.exists():
         raise DataError(f"Data folder '{root}' does not exist; pass a folder laid out as root/<class>/<image>.png.")
@@ -36,6 +39,8 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int = 1)
             entries += [(dom.name, f"{dom.name}/{c.name}", c) for c in sorted(dom.iterdir()) if c.is_dir()]
     else:
         entries = [("default", d.name, d) for d in class_dirs]
+    if channels is None:
+        channels = 3 if any(_in_colour(files[0]) for _, _, d in entries[:COLOUR_SAMPLE] if (files := _images(d))) else 1
     images, labels, names, domains = [], [], [], []
     domain_names = sorted({d for d, _, _ in entries})
     for domain, cls, directory in entries:
@@ -62,6 +67,22 @@ def image_array(img: Image.Image, image_size: int = 28, channels: int = 1) -> np
     img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+COLOUR_SAMPLE = 32  #: classes whose first image decides whether a folder is in colour
+
+
+def _in_colour(path: Path) -> bool:
+    """Whether an image has visible colour: its channels differ by more than 16 levels on 1 % of
+    its pixels (gray images saved as RGB, and JPEG noise, stay gray)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                return False
+            rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
+    except (UnidentifiedImageError, OSError):
+        return False  # reported by the loader, with the file's name
+    return float(((rgb.max(-1) - rgb.min(-1)) > 16).mean()) > 0.01
 
 
 def ink_high(arr: np.ndarray) -> np.ndarray:

@@ -289,9 +289,11 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         raise DataError(f"Support '{support}' must be an image folder root/<label>/*.png for this image run.")
     from metalab.data.folders import load_image_folder
 
-    source = load_image_folder(support, config.data.image_size)
+    config, algorithm, info = load_trained(run_dir, device)
+    channels, size = info["example_shape"][0], info["example_shape"][-1]  # as the run's images were read
+    source = load_image_folder(support, size, channels)
     _check_two_labels(support, source.class_names)
-    return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device)
+    return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm))
 
 
 def _check_two_labels(support: Path, labels: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ def _positive_int(value) -> bool:
 class DataConfig:
     source: str = "omniglot"  #: 'omniglot', 'clinc150', 'sinusoid', an image folder 'root/<class>/*.png', an '.npz' with x, y, or a text .csv/.jsonl
     image_size: int = 28
+    channels: int | None = None  #: image folders: 1 (grayscale) or 3 (RGB); None: 3 when the images are in colour, else 1
     val_fraction: float = 0.1  #: share of meta-train classes carved out for validation
     test_fraction: float = 0.2  #: share of classes held out for meta-test (sources without a canonical split)
     split_seed: int = 0
@@ -154,6 +155,9 @@ class RunConfig:
             if not (_positive_int(value) or (isinstance(value, (list, tuple)) and len(value) == 2
                                              and all(map(_positive_int, value)) and value[0] <= value[1])):
                 raise ConfigError(f"{key}={value!r} is invalid; give a positive integer or a [min, max] pair with min <= max.")
+        if self.data.channels not in (None, 1, 3) or isinstance(self.data.channels, bool):
+            raise ConfigError(f"data.channels={self.data.channels!r} is invalid; use 1 (grayscale), 3 (RGB) or leave it empty "
+                              "(decided from the images).")
         if not t.lr > 0:
             raise ConfigError(f"train.lr={t.lr!r} is invalid; it must be a positive number.")
         from metalab.data.planner import PLANNERS

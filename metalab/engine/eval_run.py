@@ -14,11 +14,14 @@ from metalab.engine.trainer import load_trained
 from metalab.errors import ConfigError, DataError
 
 
-def run_splits(config, show_progress: bool = False):
-    """The class splits a run was trained and is evaluated on (from its config; no rotation classes)."""
+def run_splits(config, show_progress: bool = False, example_shape=None):
+    """The class splits a run was trained and is evaluated on (from its config; no rotation classes).
+    ``example_shape``: the trained model's input shape, whose channels an image folder is read with
+    (so a run keeps the channels it was trained on)."""
     d = config.data
+    channels = example_shape[0] if example_shape is not None and len(example_shape) == 3 else d.channels
     return load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                       text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains)
+                       text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains, channels=channels)
 
 
 def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: int | None = None,
@@ -47,7 +50,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
                                             steps=tuple(e.adapt_steps or [algorithm.test_inner_steps]))
             record["figures"] = [plot.name]
     else:
-        splits = run_splits(config, show_progress)
+        splits = run_splits(config, show_progress, info["example_shape"])
         source = {"test": splits.test, "val": splits.val}.get(split)
         if source is None:
             raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")

@@ -168,7 +168,8 @@ class MetaTrainer:
             self.context, example_shape = {"task": "regression", "outputs": 1}, (1,)
         else:
             self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
-                                                     {**text_options(d), "progress": self.show_progress}, d.test_domains)
+                                                     {**text_options(d), "progress": self.show_progress}, d.test_domains,
+                                                     channels=d.channels)
             train = self.splits.train
             self.planner = TaskPlanner(t.planner, train.num_classes, train.class_domains)
             if t.planner != "uniform" and self.dist.active:
