@@ -7,7 +7,7 @@ from PIL import Image
 
 from metalab.data import omniglot_canonical_split, split_by_class, with_rotations
 from metalab.data.catalog import load_source, load_splits
-from metalab.data.folders import load_image_folder, load_npz
+from metalab.data.folders import image_array, load_image_folder, load_npz
 from metalab.data.omniglot import load_omniglot
 from metalab.errors import DataError
 
@@ -66,6 +66,33 @@ def test_image_folder_source(tmp_path):
             _write_png(tmp_path / c / f"{i}.png", 200 if c == "cat" else 20)
     src = load_image_folder(tmp_path, image_size=16)
     assert src.class_names == ["cat", "dog"] and src.x.shape == (6, 1, 16, 16)
+
+
+def test_image_folder_is_decoded_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    import os
+
+    import metalab.data.folders as folders
+
+    monkeypatch.setenv("METALAB_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "pets"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            _write_png(root / c / f"{i}.png", 40 + 60 * i if c == "cat" else 20)
+    first = load_image_folder(root, image_size=16)
+    decoded = []
+    monkeypatch.setattr(folders, "image_array", lambda *a: decoded.append(1) or image_array(*a))
+    again = load_image_folder(root, image_size=16)
+    assert decoded == [] and torch.equal(again.x, first.x) and again.class_names == first.class_names  # one file read
+    _write_png(root / "dog" / "0.png", 90)
+    os.utime(root / "dog" / "0.png", ns=(1, 1))  # whatever the clock's resolution: a new modification time
+    changed = load_image_folder(root, image_size=16)
+    assert len(decoded) == 6 and not torch.equal(changed.x, first.x)
+    (root / "dog" / "3.png").write_bytes((root / "dog" / "1.png").read_bytes())  # an image more
+    assert load_image_folder(root, image_size=16).x.shape[0] == 7 and len(decoded) == 13
+    for entry in (tmp_path / "cache" / "folders").glob("*.safetensors"):
+        entry.write_bytes(b"damaged")  # a damaged entry is decoded again, never trusted
+    assert load_image_folder(root, image_size=16).x.shape[0] == 7 and len(decoded) == 20
 
 
 def test_image_folder_errors(tmp_path):

@@ -55,9 +55,11 @@ def load_text_source(spec: str, encoder: str = "minilm", layers=None, text_colum
     return embed_corpus(corpus, load_encoder(encoder, layers=layers), progress=progress)
 
 
-def load_source(spec: str, image_size: int = 28, text: dict | None = None, channels: int | None = None) -> LabelledSource:
+def load_source(spec: str, image_size: int = 28, text: dict | None = None, channels: int | None = None,
+                progress: bool = False) -> LabelledSource:
     """The whole labelled source named by ``spec`` (``text``: options of text sources; ``channels``:
-    of an image folder, 1, 3 or ``None`` to decide from its images)."""
+    of an image folder, 1, 3 or ``None`` to decide from its images; ``progress``: a bar while an
+    image folder is decoded)."""
     if spec == "omniglot":
         return load_omniglot(image_size)
     if is_text_spec(spec):
@@ -72,19 +74,19 @@ def load_source(spec: str, image_size: int = 28, text: dict | None = None, chann
             f"Data '{spec}' is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing path; "
             "pass a folder laid out as root/<class>/<image>.png or an .npz file."
         )
-    return load_image_folder(path, image_size, channels)
+    return load_image_folder(path, image_size, channels, progress=progress)
 
 
 def load_splits(spec: str, image_size: int = 28, val_fraction: float = 0.1, test_fraction: float = 0.2,
                 split_seed: int = 0, rotations: bool | None = False, text: dict | None = None,
-                test_domains: list | None = None, channels: int | None = None) -> Splits:
+                test_domains: list | None = None, channels: int | None = None, progress: bool = False) -> Splits:
     """Class-disjoint splits of ``spec``: Omniglot's canonical alphabet split; for text, held-out
     domains (``test_domains``; CLINC150 defaults to :data:`CLINC150_TEST_DOMAINS`); else a seeded
     random class split. ``rotations`` adds rotated copies of meta-train classes only (``None``:
     for Omniglot, the standard protocol, and not for other sources)."""
     if rotations is None:
         rotations = spec == "omniglot"
-    source = load_source(spec, image_size, text, channels)
+    source = load_source(spec, image_size, text, channels, progress)
     if spec == "clinc150" and test_domains is None:
         test_domains = list(CLINC150_TEST_DOMAINS)
     if spec == "omniglot":

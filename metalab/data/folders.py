@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from metalab.data.cache import cache_dir, load_tensors, save_tensors_atomic
 from metalab.data.source import LabelledSource
 from metalab.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-def load_image_folder(root: str | Path, image_size: int = 28, channels: int | None = None) -> LabelledSource:
+def load_image_folder(root: str | Path, image_size: int = 28, channels: int | None = None, use_cache: bool = True,
+                      progress: bool = False) -> LabelledSource:
     """``root/<class>/*.png|jpg`` → ``uint8 [M, channels, image_size, image_size]``.
 
     A two-level layout ``root/<domain>/<class>/*`` is read too, with the first level as domain.
     ``channels``: 1 (grayscale) or 3 (RGB); ``None`` reads a sample of the images and takes 3 when
     they are in colour, else 1. Grayscale images are stored ink-high (inverted) when the folder's
     mean pixel is bright, so dark-on-white scans and white-on-dark images both work.
+
+    The decoded tensor is cached in :func:`~metalab.data.cache.cache_dir`, keyed by every image's
+    path, size and modification time and by ``image_size`` and ``channels``: a second load reads
+    one file, and changing, adding or removing an image decodes the folder again. ``progress``
+    shows a bar while decoding.
     """
     if channels not in (None, 1, 3):
         raise DataError(f"channels={channels!r} is invalid; use 1 (grayscale), 3 (RGB) or None (decide from the images).")
+    if image_size < 1:
+        raise DataError(f"image_size={image_size} is invalid; give a positive number of pixels.")
     root = Path(root)
     if not root.exists():
         raise DataError(f"Data folder '{root}' does not exist; pass a folder laid out as root/<class>/<image>.png.")
@@ -39,27 +49,52 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int | No
             entries += [(dom.name, f"{dom.name}/{c.name}", c) for c in sorted(dom.iterdir()) if c.is_dir()]
     else:
         entries = [("default", d.name, d) for d in class_dirs]
-    if channels is None:
-        channels = 3 if any(_in_colour(files[0]) for _, _, d in entries[:COLOUR_SAMPLE] if (files := _images(d))) else 1
-    images, labels, names, domains = [], [], [], []
-    domain_names = sorted({d for d, _, _ in entries})
-    for domain, cls, directory in entries:
-        files = _images(directory)
-        if not files:
+    files = [_images(directory) for _, _, directory in entries]
+    for (_, _, directory), found in zip(entries, files):
+        if not found:
             raise DataError(f"Class folder '{directory}' has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder.")
-        label = len(names)
-        names.append(cls)
-        domains.append(domain_names.index(domain))
-        for f in files:
-            try:
-                images.append(image_array(Image.open(f), image_size, channels))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"Image '{f}' cannot be read ({exc.__class__.__name__}); replace or remove the file.") from None
-            labels.append(label)
+    if channels is None:
+        channels = 3 if any(_in_colour(found[0]) for found in files[:COLOUR_SAMPLE]) else 1
+    domain_names = sorted({d for d, _, _ in entries})
+    names = [cls for _, cls, _ in entries]
+    domains = torch.tensor([domain_names.index(d) for d, _, _ in entries])
+    cache_path = cache_dir() / "folders" / f"{root.name}-{image_size}-{channels}-{_listing_key(root, files)}.safetensors"
+    if use_cache and (hit := load_tensors(cache_path)) is not None and hit[1].get("class_names") == names:
+        tensors, _ = hit
+        return LabelledSource(tensors["x"], tensors["y"], names, domains, domain_names, name=root.name)
+    from metalab.engine.progress import progress_bar  # here: metalab.engine imports this module
+
+    images, labels = [], []
+    with progress_bar(f"decoding {sum(map(len, files))} images of '{root.name}'", sum(map(len, files)), enabled=progress) as bar:
+        for label, found in enumerate(files):
+            for f in found:
+                try:
+                    with Image.open(f) as img:
+                        images.append(image_array(img, image_size, channels))
+                except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+                    raise DataError(f"Image '{f}' cannot be read ({exc.__class__.__name__}); replace or remove the file.") from None
+                labels.append(label)
+            bar.advance(len(found))
     x = torch.from_numpy(np.stack(images))
     if channels == 1 and x.float().mean() > 127:
         x = 255 - x  # dark strokes on a light page: store ink as high values
-    return LabelledSource(x, torch.tensor(labels), names, torch.tensor(domains), domain_names, name=root.name)
+    y = torch.tensor(labels)
+    if use_cache:
+        save_tensors_atomic(cache_path, {"x": x, "y": y}, {"class_names": names, "version": _CACHE_VERSION})
+    return LabelledSource(x, y, names, domains, domain_names, name=root.name)
+
+
+_CACHE_VERSION = 1  #: bump when decoding changes, so old cache entries are not used
+
+
+def _listing_key(root: Path, files: list[list[Path]]) -> str:
+    """A hash of every image's path (relative to ``root``), size and modification time."""
+    digest = hashlib.sha1(str(_CACHE_VERSION).encode())
+    for found in files:
+        for f in found:
+            st = f.stat()
+            digest.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def image_array(img: Image.Image, image_size: int = 28, channels: int = 1) -> np.ndarray:

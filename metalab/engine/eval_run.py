@@ -21,7 +21,8 @@ def run_splits(config, show_progress: bool = False, example_shape=None):
     d = config.data
     channels = example_shape[0] if example_shape is not None and len(example_shape) == 3 else d.channels
     return load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, rotations=False,
-                       text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains, channels=channels)
+                       text={**text_options(d), "progress": show_progress}, test_domains=d.test_domains, channels=channels,
+                       progress=show_progress)
 
 
 def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: int | None = None,

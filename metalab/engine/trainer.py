@@ -169,7 +169,7 @@ class MetaTrainer:
         else:
             self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
                                                      {**text_options(d), "progress": self.show_progress}, d.test_domains,
-                                                     channels=d.channels)
+                                                     channels=d.channels, progress=self.show_progress)
             train = self.splits.train
             self.planner = TaskPlanner(t.planner, train.num_classes, train.class_domains)
             if t.planner != "uniform" and self.dist.active:
