@@ -116,7 +116,8 @@ def train(
     if cfg.rl.task is not None:
         _train_rl(cfg, run_dir, resume is not None, progress, evaluate_after)
         return
-    trainer = MetaTrainer(cfg, run_dir, resume=resume is not None, show_progress=progress, log=console.print)
+    trainer = MetaTrainer(cfg, run_dir, resume=resume is not None, show_progress=progress, log=console.print,
+                          check_eval=evaluate_after)
     if trainer.splits is not None:
         console.print(f"[bold]split:[/] {escape(trainer.splits.description)}")
     result = trainer.train()

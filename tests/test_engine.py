@@ -119,3 +119,20 @@ def test_time_budget_stops_with_a_checkpoint(clusters, tmp_path, clock):
     assert [s for s, _ in list_checkpoints(tmp_path / clock)] == [result.steps]
     with pytest.raises(ConfigError, match="budget_clock='gpu' is unknown"):
         RunConfig.from_dict({"train": {"budget_clock": "gpu"}})
+
+
+def test_eval_settings_that_the_test_split_cannot_give_fail_before_training(clusters, tmp_path):
+    """`metalab train` evaluates when training ends: settings its test split cannot fill are refused
+    before a step is trained or a file written, naming the setting and the fix."""
+    splits = cluster_splits(clusters)
+    too_wide = cluster_config("protonet", steps=2)
+    too_wide.eval.settings = [[5, 1], [splits.test.num_classes + 1, 1]]
+    with pytest.raises(ConfigError, match=rf"asks for {splits.test.num_classes + 1}-way tasks but the test split has "
+                                          rf"{splits.test.num_classes} classes"):
+        MetaTrainer(too_wide, tmp_path / "wide", splits=splits, show_progress=False, log=lambda m: None, check_eval=True)
+    too_many = cluster_config("protonet", steps=2)
+    too_many.eval.queries = int(splits.test.class_counts().min())
+    with pytest.raises(ConfigError, match=r"needs \d+ examples per test class but '.+' has \d+; lower the shots or eval.queries"):
+        MetaTrainer(too_many, tmp_path / "many", splits=splits, show_progress=False, log=lambda m: None, check_eval=True)
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "many").exists()
+    MetaTrainer(too_wide, tmp_path / "lib", splits=splits, show_progress=False, log=lambda m: None)  # a library user may evaluate otherwise

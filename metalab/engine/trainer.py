@@ -27,6 +27,7 @@ from metalab.data.catalog import is_task_family, load_splits, load_task_family, 
 from metalab.data.episodes import Episodes
 from metalab.data.planner import TaskPlanner
 from metalab.data.sampler import EpisodeSampler
+from metalab.data.source import LabelledSource
 from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from metalab.engine.cpu_memory import keep_freed_memory
@@ -88,6 +89,20 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device='{name}' but this machine has no CUDA GPU; use 'cpu' or 'auto'.")
     return device
+
+
+def check_eval_fits(config: RunConfig, test: LabelledSource) -> None:
+    """The run's ``eval.settings`` can be drawn from ``test`` (else a run would train, then fail to evaluate)."""
+    counts = test.class_counts()
+    for ways, shots in config.eval.settings:
+        if ways > test.num_classes:
+            raise ConfigError(f"eval.settings asks for {ways}-way tasks but the test split has {test.num_classes} classes; "
+                              f"evaluate at fewer ways (e.g. --set 'eval.settings=[[{test.num_classes}, 1]]') or train with --no-eval.")
+        need = shots + config.eval.queries
+        if int(counts.min()) < need:
+            short = test.class_names[int(counts.argmin())]
+            raise ConfigError(f"eval.settings {ways}-way {shots}-shot with eval.queries={config.eval.queries} needs {need} examples "
+                              f"per test class but '{short}' has {int(counts.min())}; lower the shots or eval.queries, or train with --no-eval.")
 
 
 def resolve_backbone(name: str, example_shape: tuple[int, ...], source: str) -> str:
@@ -152,7 +167,9 @@ class MetaTrainer:
     """Meta-trains ``config``'s algorithm into ``run_dir`` (new, or resumed with ``resume=True``)."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path, splits: Splits | None = None, resume: bool = False,
-                 show_progress: bool = True, log: Callable[[str], None] = print) -> None:
+                 show_progress: bool = True, log: Callable[[str], None] = print, check_eval: bool = False) -> None:
+        """``check_eval``: before anything is trained or written, check that the run's ``eval.settings``
+        can be drawn from its test split (`metalab train` evaluates when training ends)."""
         d, t = config.data, config.train
         self.device = resolve_device(t.device)
         if self.device.type == "cpu":
@@ -180,6 +197,8 @@ class MetaTrainer:
             self.context = {"task": "classification", "num_classes": train.num_classes,
                             "class_domains": train.class_domains.tolist()}
             example_shape = tuple(train.x.shape[1:])
+            if check_eval:
+                check_eval_fits(config, self.splits.test)
         self.example_shape = list(example_shape)
         self.algorithm = build_model(config, example_shape, self.device, self.context)
         if self.dist.active:
