@@ -48,6 +48,8 @@ def test_resume_reproduces_the_uninterrupted_run(clusters, tmp_path):
         assert ra.get("val_acc") == rb.get("val_acc")
     for (k, va), (_, vb) in zip(straight.algorithm.state_dict().items(), resumed.algorithm.state_dict().items()):
         assert torch.equal(va, vb), k
+    with pytest.raises(ConfigError, match=r"^device='gpu' is not a device; use 'auto', 'cpu' or 'cuda\[:N\]'"):
+        load_trained(tmp_path / "straight", device="gpu")  # `metalab eval --device`: named as the option, not train.device
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(clusters, tmp_path):

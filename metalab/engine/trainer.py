@@ -79,15 +79,16 @@ def resume_point(run: RunFolder, log: Callable[[str], None], writer: bool = True
     return found
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` → a device this machine has (errors name ``field``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device='{name}' is not a device; use 'auto', 'cpu' or 'cuda[:N]'.") from None
+        raise ConfigError(f"{field}='{name}' is not a device; use 'auto', 'cpu' or 'cuda[:N]'.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device='{name}' but this machine has no CUDA GPU; use 'cpu' or 'auto'.")
+        raise ConfigError(f"{field}='{name}' but this machine has no CUDA GPU; use 'cpu' or 'auto'.")
     return device
 
 
@@ -400,7 +401,7 @@ def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Pat
             print(problem, file=sys.stderr)
         _, _, (model_state, _, info) = found
     model_state, _ = split_rng_state(model_state)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "device")
     algorithm = build_model(config, tuple(info["example_shape"]), dev, info.get("context"))
     try:
         algorithm.load_state_dict(model_state)
