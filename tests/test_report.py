@@ -3,6 +3,7 @@ headless browser)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import cluster_config, train_on
 from metalab.data.folders import from_arrays
@@ -163,6 +165,14 @@ def test_report_html_parses_and_every_figure_exists(omniglot_runs, tmp_path):
     compared = build_comparison(omniglot_runs, tmp_path / "compare")
     assert "protonet" in compared.read_text() and "matchingnet" in compared.read_text()
     assert (compared.parent / "figures" / "learning_curves.png").exists()
+    assert "Not like for like" not in compared.read_text()  # same data, split and episodes
+    other = tmp_path / "other-seed"
+    shutil.copytree(omniglot_runs[1], other)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["data"]["split_seed"], config["eval"]["seed"] = 7, 8
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    text = build_comparison([omniglot_runs[0], other], tmp_path / "compare2").read_text()
+    assert "Not like for like" in text and "data.split_seed: protonet 0, other-seed 7" in text and "eval.seed: protonet 2024, other-seed 8" in text
 
 
 def test_report_renders_in_a_headless_browser(omniglot_runs, tmp_path):

@@ -291,6 +291,22 @@ def _show_class(source, c: int, figures: Path, texts) -> str:
     return name
 
 
+#: config fields that decide what a run's figures measure: the data, its class split, the test episodes
+COMPARED_FIELDS = ("rl.task", "data.source", "data.image_size", "data.split_seed", "data.val_fraction", "data.test_fraction",
+                   "data.test_domains", "data.encoder", "data.encoder_layers", "eval.seed")
+
+
+def config_differences(configs: dict) -> list[str]:
+    """``"field: run value, run value"`` for each of :data:`COMPARED_FIELDS` on which the runs' configs differ."""
+    out = []
+    for dotted in COMPARED_FIELDS:
+        section, key = dotted.split(".")
+        values = {name: getattr(getattr(config, section), key) for name, config in configs.items()}
+        if len({repr(v) for v in values.values()}) > 1:
+            out.append(f"{dotted}: " + ", ".join(f"{name} {value!r}" for name, value in values.items()))
+    return out
+
+
 def build_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Several runs side by side: final evaluation table and overlaid learning curves."""
     out = Path(out)
@@ -320,7 +336,11 @@ def build_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
             ["data"] + [esc(configs[n].rl.task or configs[n].data.source) for n in names],
             ["steps"] + [str((records[n] or {}).get("step", "-")) for n in names]]
     rows += [[esc(s)] + [cells.get((n, s), "-") for n in names] for s in settings]
-    report.add("Results", table(["", *map(esc, names)], rows) + "<p class='muted'>Mean ± 95 % CI from each run's eval.json.</p>")
+    notes = "<p class='muted'>Mean ± 95 % CI from each run's eval.json.</p>"
+    if differences := config_differences(configs):
+        notes += ("<p><b>Not like for like:</b> these runs differ in their data, class split or test episodes, so "
+                  "their figures do not measure the same thing:</p><ul>" + "".join(f"<li>{esc(d)}</li>" for d in differences) + "</ul>")
+    report.add("Results", table(["", *map(esc, names)], rows) + notes)
     curves = plot_learning_curves({n: r.metrics() for n, r in zip(names, runs)}, figures / "learning_curves.png")
     if curves:
         report.add("Learning curves", figure(curves, "learning curves"))
