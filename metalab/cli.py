@@ -125,8 +125,14 @@ def train(
     if evaluate_after:
         record = evaluate_run(result.run_dir, device=str(trainer.device), show_progress=progress)
         console.print(_results_table(record, f"{cfg.train.algo} on meta-test ({record['split']})"))
+        _print_left_out(record)
         if record.get("full_task"):
             console.print(_full_task_table(record["full_task"]))
+
+
+def _print_left_out(record: dict) -> None:
+    for item in record.get("left_out", []):
+        console.print(f"left out {item['ways']}-way {item['shots']}-shot: it {escape(item['reason'])}.")
 
 
 def _train_rl(cfg, run_dir: Path, resume: bool, progress: bool, evaluate_after: bool) -> None:
@@ -186,6 +192,7 @@ def eval_(
     record = evaluate_run(run, settings, episodes, device, show_progress=progress, split=split)
     console.print(f"split: {escape(record['split_description'])}")
     console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
+    _print_left_out(record)
     if record.get("full_task"):
         console.print(_full_task_table(record["full_task"]))
 

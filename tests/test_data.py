@@ -3,6 +3,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from metalab.data import omniglot_canonical_split, split_by_class, with_rotations
@@ -158,7 +159,17 @@ def test_colour_image_folders_keep_their_colour(tmp_path):
                                "eval": {"queries": 2}})
     MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).train()
     record = evaluate_run(tmp_path / "run", [[2, 1]], episodes=4, show_progress=False)
-    assert len(record["results"]) == 1
+    assert len(record["results"]) == 1 and record["left_out"] == []
+    with pytest.raises(DataError, match=r"^3-way 1-shot needs 3 classes but the test split has 2; lower ways"):
+        evaluate_run(tmp_path / "run", [[3, 1]], episodes=4, show_progress=False)  # asked for by name: an error
+    with pytest.raises(DataError, match="No evaluation setting fits the test split: 5-way 1-shot needs 5 classes"):
+        evaluate_run(tmp_path / "run", episodes=4, show_progress=False)  # the run's own eval.settings, none fits
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    config["eval"]["settings"] = [[2, 1], [5, 1]]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    record = evaluate_run(tmp_path / "run", episodes=4, show_progress=False)  # those that fit, the others named
+    assert [(r["ways"], r["shots"]) for r in record["results"]] == [(2, 1)]
+    assert record["left_out"] == [{"ways": 5, "shots": 1, "reason": "needs 5 classes but the test split has 2"}]
     write(tmp_path / "support", "red", colours["red"], 2)
     write(tmp_path / "support", "green", colours["green"], 2)
     adapter = adapt_from_file(tmp_path / "run", tmp_path / "support", head="prototypes")

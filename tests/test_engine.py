@@ -123,18 +123,26 @@ def test_time_budget_stops_with_a_checkpoint(clusters, tmp_path, clock):
         RunConfig.from_dict({"train": {"budget_clock": "gpu"}})
 
 
-def test_eval_settings_that_the_test_split_cannot_give_fail_before_training(clusters, tmp_path):
-    """`metalab train` evaluates when training ends: settings its test split cannot fill are refused
-    before a step is trained or a file written, naming the setting and the fix."""
+def test_eval_settings_that_the_test_split_cannot_give_are_named_before_training(clusters, tmp_path):
+    """`metalab train` evaluates when training ends: settings its test split cannot fill are named
+    before a step is trained (and left out of the evaluation); if none fits, nothing is trained or written."""
+    from metalab.engine.eval_run import evaluate_run
+
     splits = cluster_splits(clusters)
-    too_wide = cluster_config("protonet", steps=2)
-    too_wide.eval.settings = [[5, 1], [splits.test.num_classes + 1, 1]]
-    with pytest.raises(ConfigError, match=rf"asks for {splits.test.num_classes + 1}-way tasks but the test split has "
-                                          rf"{splits.test.num_classes} classes"):
-        MetaTrainer(too_wide, tmp_path / "wide", splits=splits, show_progress=False, log=lambda m: None, check_eval=True)
+    wide = splits.test.num_classes + 1
+    none_fit = cluster_config("protonet", steps=2)
+    none_fit.eval.settings = [[wide, 1], [wide, 5]]
+    with pytest.raises(ConfigError, match=rf"No evaluation setting fits the test split \({wide}-way 1-shot needs {wide} classes "
+                                          rf"but the test split has {splits.test.num_classes};"):
+        MetaTrainer(none_fit, tmp_path / "none", splits=splits, show_progress=False, log=lambda m: None, check_eval=True)
     too_many = cluster_config("protonet", steps=2)
     too_many.eval.queries = int(splits.test.class_counts().min())
-    with pytest.raises(ConfigError, match=r"needs \d+ examples per test class but '.+' has \d+; lower the shots or eval.queries"):
+    with pytest.raises(ConfigError, match=r"1-shot needs 21 examples per class \(1 shot \+ 20 queries\) but the test split's '.+' has 20;"):
         MetaTrainer(too_many, tmp_path / "many", splits=splits, show_progress=False, log=lambda m: None, check_eval=True)
-    assert not (tmp_path / "wide").exists() and not (tmp_path / "many").exists()
-    MetaTrainer(too_wide, tmp_path / "lib", splits=splits, show_progress=False, log=lambda m: None)  # a library user may evaluate otherwise
+    assert not (tmp_path / "none").exists() and not (tmp_path / "many").exists()
+
+    some_fit = cluster_config("protonet", steps=2)
+    some_fit.eval.settings, some_fit.eval.episodes = [[5, 1], [wide, 1]], 20
+    said = []
+    MetaTrainer(some_fit, tmp_path / "some", splits=splits, show_progress=False, log=said.append, check_eval=True).train()
+    assert f"evaluation will leave out {wide}-way 1-shot: it needs {wide} classes but the test split has {wide - 1}." in said

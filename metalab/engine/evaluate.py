@@ -95,6 +95,18 @@ def evaluate_sampler(algorithm: Algorithm, sampler, episodes: int, device: torch
         algorithm.train(was_training)
 
 
+def setting_unfit(source: LabelledSource, ways: int, shots: int, queries: int, split: str = "test") -> str | None:
+    """Why ``ways``-way ``shots``-shot tasks with ``queries`` queries per class cannot be drawn from
+    ``source``, the ``split`` split ("needs … but …"), or ``None`` when they can."""
+    if ways > source.num_classes:
+        return f"needs {ways} classes but the {split} split has {source.num_classes}"
+    counts = source.class_counts()
+    if int(counts.min()) < shots + queries:
+        return (f"needs {shots + queries} examples per class ({shots} shot{'s' * (shots != 1)} + {queries} queries) but the {split} split's "
+                f"'{source.class_names[int(counts.argmin())]}' has {int(counts.min())}")
+    return None
+
+
 def evaluate(
     algorithm: Algorithm,
     source: LabelledSource,

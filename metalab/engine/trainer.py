@@ -32,7 +32,7 @@ from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from metalab.engine.cpu_memory import keep_freed_memory
 from metalab.engine.config import RunConfig
-from metalab.engine.evaluate import evaluate, evaluate_regression
+from metalab.engine.evaluate import evaluate, evaluate_regression, setting_unfit
 from metalab.engine.precision import precision_note, training_precision
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
@@ -92,18 +92,16 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
     return device
 
 
-def check_eval_fits(config: RunConfig, test: LabelledSource) -> None:
-    """The run's ``eval.settings`` can be drawn from ``test`` (else a run would train, then fail to evaluate)."""
-    counts = test.class_counts()
-    for ways, shots in config.eval.settings:
-        if ways > test.num_classes:
-            raise ConfigError(f"eval.settings asks for {ways}-way tasks but the test split has {test.num_classes} classes; "
-                              f"evaluate at fewer ways (e.g. --set 'eval.settings=[[{test.num_classes}, 1]]') or train with --no-eval.")
-        need = shots + config.eval.queries
-        if int(counts.min()) < need:
-            short = test.class_names[int(counts.argmin())]
-            raise ConfigError(f"eval.settings {ways}-way {shots}-shot with eval.queries={config.eval.queries} needs {need} examples "
-                              f"per test class but '{short}' has {int(counts.min())}; lower the shots or eval.queries, or train with --no-eval.")
+def check_eval_fits(config: RunConfig, test: LabelledSource, log: Callable[[str], None] = print) -> None:
+    """Before training: the run's ``eval.settings`` that ``test`` cannot give are named now (evaluation
+    will leave them out), and if none fits it is an error (else a run would train, then fail to evaluate)."""
+    unfit = {(w, k): why for w, k in config.eval.settings if (why := setting_unfit(test, w, k, config.eval.queries))}
+    if unfit and len(unfit) == len(config.eval.settings):
+        named = "; ".join(f"{w}-way {k}-shot {why}" for (w, k), why in unfit.items())
+        raise ConfigError(f"No evaluation setting fits the test split ({named}); set eval.settings "
+                          f"(e.g. --set 'eval.settings=[[{min(5, test.num_classes)}, 1]]'), lower eval.queries, or train with --no-eval.")
+    for (w, k), why in unfit.items():
+        log(f"evaluation will leave out {w}-way {k}-shot: it {why}.")
 
 
 def resolve_backbone(name: str, example_shape: tuple[int, ...], source: str) -> str:
@@ -199,7 +197,7 @@ class MetaTrainer:
                             "class_domains": train.class_domains.tolist()}
             example_shape = tuple(train.x.shape[1:])
             if check_eval:
-                check_eval_fits(config, self.splits.test)
+                check_eval_fits(config, self.splits.test, self.log)
         self.example_shape = list(example_shape)
         self.algorithm = build_model(config, example_shape, self.device, self.context)
         if self.dist.active:
