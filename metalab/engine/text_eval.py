@@ -14,7 +14,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_fscore_support
 
 from metalab.data.source import LabelledSource
 from metalab.engine.progress import progress_bar
@@ -57,6 +56,8 @@ def draw_support(source: LabelledSource, shots: int, seed: int, support_part: st
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
     """Accuracy, macro precision / recall / F1 and a per-class report (scikit-learn's definitions;
     a class never predicted has precision 0)."""
+    from sklearn.metrics import precision_recall_fscore_support  # here, not at the top: sklearn takes ~2 s to import
+
     labels = np.arange(len(class_names))
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = [{"class": class_names[i], "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
