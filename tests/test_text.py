@@ -107,6 +107,8 @@ def test_non_utf8_and_missing_file(tmp_path):
         load_text_table(path)
     with pytest.raises(DataError, match="does not exist"):
         load_text_table(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="is a folder; text examples come in a .csv or .jsonl file"):
+        load_text_table(tmp_path)  # e.g. `metalab adapt --support images/` on a text run
 
 
 def test_clinc150_bundled():

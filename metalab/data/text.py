@@ -105,6 +105,9 @@ def load_text_table(path: str | Path, text_column: str = "text", label_column: s
     path = Path(path)
     if not path.exists():
         raise DataError(f"Text file '{path}' does not exist; pass a .csv or .jsonl file with columns '{text_column}' and '{label_column}'.")
+    if path.is_dir():
+        raise DataError(f"'{path}' is a folder; text examples come in a .csv or .jsonl file with columns '{text_column}' "
+                        f"and '{label_column}' (image folders are for image runs).")
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"Text file '{path}' has no rows; add examples as '{text_column},{label_column}' lines.")
