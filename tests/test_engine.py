@@ -95,6 +95,11 @@ def test_load_trained_rejects_folders_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a metalab run folder"):
         load_trained(tmp_path / "empty")
+    (tmp_path / "notes.csv").write_text("text,label\n")
+    with pytest.raises(CheckpointError, match="notes.csv' is a file, not a run folder"):
+        load_trained(tmp_path / "notes.csv")
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML config file"):
+        RunConfig.load(tmp_path / "empty")  # `metalab train --config RUN` instead of RUN/config.yaml
 
 
 def test_new_run_refuses_to_overwrite_an_existing_one(clusters, tmp_path):

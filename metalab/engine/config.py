@@ -132,6 +132,8 @@ class RunConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML config.")
+        if path.is_dir():
+            raise ConfigError(f"Config path '{path}' is a folder; pass a YAML config file (a run's own is RUN/config.yaml).")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -56,6 +56,8 @@ class RunFolder:
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":
         run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise CheckpointError(f"'{run.path}' is a file, not a run folder; pass the folder printed by 'metalab train'.")
         if not run.path.is_dir():
             raise CheckpointError(f"Run folder '{run.path}' does not exist; pass the folder printed by 'metalab train'.")
         if not run.config_path.exists():
