@@ -115,6 +115,20 @@ def test_config_errors_name_the_field():
         RunConfig.from_dict({"train": {"steps": 0}})
     with pytest.raises(ConfigError, match=r"eval.settings entry"):
         RunConfig.from_dict({"eval": {"settings": [[5]]}})
+    with pytest.raises(ConfigError, match=r"^config: train.lr='fast' is invalid; give a number\.$"):
+        RunConfig.from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"train.time_budget='soon' is invalid; give a number or null"):
+        RunConfig.from_dict({"train": {"time_budget": "soon"}})
+    with pytest.raises(ConfigError, match=r"eval.settings=5 is invalid; give a list"):
+        RunConfig.from_dict({"eval": {"settings": 5}})
+    with pytest.raises(ConfigError, match=r"data.rotations='maybe' is invalid; give true or false or null"):
+        RunConfig.from_dict({"data": {"rotations": "maybe"}})
+    with pytest.raises(ConfigError, match=r"train.steps=True is invalid; give a whole number"):
+        RunConfig.from_dict({"train": {"steps": True}})
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.1 and data.test_fraction=1.5 are invalid"):
+        RunConfig.from_dict({"data": {"test_fraction": 1.5}})
+    assert RunConfig.from_dict({"train": {"lr": "1e-3"}}).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    assert RunConfig.from_dict({"train": {"ways": [2, 5], "task_threads": 2}, "data": {"channels": 3}}).train.ways == [2, 5]
 
 
 @pytest.mark.parametrize("clock", ["wall", "cpu"])

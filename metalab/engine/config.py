@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -160,6 +162,10 @@ class RunConfig:
         if self.data.channels not in (None, 1, 3) or isinstance(self.data.channels, bool):
             raise ConfigError(f"data.channels={self.data.channels!r} is invalid; use 1 (grayscale), 3 (RGB) or leave it empty "
                               "(decided from the images).")
+        d = self.data
+        if not (0 <= d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
+            raise ConfigError(f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} are invalid; "
+                              "give shares of the classes: val in [0, 1), test in (0, 1), together under 1.")
         if not t.lr > 0:
             raise ConfigError(f"train.lr={t.lr!r} is invalid; it must be a positive number.")
         from metalab.data.planner import PLANNERS
@@ -237,4 +243,34 @@ def _build(klass, raw: dict, origin: str):
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"{origin}: unknown field(s) {unknown}; allowed: {sorted(names)}.")
-    return klass(**raw)
+    hints = typing.get_type_hints(klass)
+    return klass(**{name: _typed(value, hints[name], f"{origin}.{name}") for name, value in raw.items()})
+
+
+_DESCRIBED = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list",
+              dict: "a mapping", type(None): "null"}
+
+
+def _typed(value, hint, where: str):
+    """``value`` if it has a type ``hint`` allows; a number written as a string for a float field
+    (YAML 1.1 reads ``1e-3`` as a string) becomes the float; otherwise an error naming the field."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if any(_is(value, t) for t in allowed):
+        return value
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    wanted = " or ".join(_DESCRIBED.get(t, getattr(t, "__name__", str(t))) for t in allowed)
+    raise ConfigError(f"{where}={value!r} is invalid; give {wanted}.")
+
+
+def _is(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind in (int, float):  # a bool is not a number here; an int is a float
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if kind is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, kind) if isinstance(kind, type) else True
