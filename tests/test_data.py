@@ -178,3 +178,23 @@ def test_colour_image_folders_keep_their_colour(tmp_path):
     write(tmp_path / "queries", "r", colours["red"], 1)
     labels = [p.label for p in adapter.predict([tmp_path / "queries" / "q" / "0.png", tmp_path / "queries" / "r" / "0.png"])]
     assert labels == ["green", "red"]
+
+
+def test_transparent_and_16_bit_images_keep_their_content(tmp_path):
+    """A stroke on a transparent page (common for sketches) is laid on white, so it is kept (ink
+    high, like Omniglot); a 16-bit scan is scaled to 8 bits, not clipped to white."""
+    from PIL import ImageDraw
+
+    for label, box in (("slash", [4, 4, 36, 36]), ("bar", [4, 20, 36, 20])):
+        (tmp_path / "sketches" / label).mkdir(parents=True)
+        for i in range(2):
+            page = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+            ImageDraw.Draw(page).line(box, fill=(0, 0, 0, 255), width=3 + i)
+            page.save(tmp_path / "sketches" / label / f"{i}.png")
+    src = load_image_folder(tmp_path / "sketches", image_size=20, use_cache=False)
+    assert src.x.shape[1] == 1 and 5 < src.x.float().mean() < 80 and src.x.max() > 200  # strokes high on a dark page
+    assert not torch.equal(src.x[src.y == 0][0], src.x[src.y == 1][0])  # was all zeros for both
+    deep = Image.fromarray(np.linspace(0, 65535, 400).reshape(20, 20).astype(np.uint16))
+    assert deep.mode == "I;16"
+    arr = image_array(deep, 20, 1)
+    assert arr.min() < 5 and 250 < arr.max() and 100 < arr.mean() < 155  # the full range, not 186..255

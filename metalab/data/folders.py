@@ -84,7 +84,7 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int | No
     return LabelledSource(x, y, names, domains, domain_names, name=root.name)
 
 
-_CACHE_VERSION = 1  #: bump when decoding changes, so old cache entries are not used
+_CACHE_VERSION = 2  #: bump when decoding changes, so old cache entries are not used
 
 
 def _listing_key(root: Path, files: list[list[Path]]) -> str:
@@ -98,7 +98,14 @@ def _listing_key(root: Path, files: list[list[Path]]) -> str:
 
 
 def image_array(img: Image.Image, image_size: int = 28, channels: int = 1) -> np.ndarray:
-    """A PIL image → ``uint8 [channels, image_size, image_size]`` (grayscale or RGB, Lanczos-resized)."""
+    """A PIL image → ``uint8 [channels, image_size, image_size]`` (grayscale or RGB, Lanczos-resized).
+    Transparent pixels are laid on white (a drawing on a transparent page keeps its strokes) and
+    16-bit images are scaled to 8 bits, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I") or (img.mode == "F"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(wide / 257.0 if wide.max() > 255 else wide, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.Resampling.LANCZOS)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
