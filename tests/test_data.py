@@ -198,3 +198,14 @@ def test_transparent_and_16_bit_images_keep_their_content(tmp_path):
     assert deep.mode == "I;16"
     arr = image_array(deep, 20, 1)
     assert arr.min() < 5 and 250 < arr.max() and 100 < arr.mean() < 155  # the full range, not 186..255
+
+
+def test_photos_are_read_upright(tmp_path):
+    """A phone's portrait photo is stored sideways with an EXIF orientation tag: it is read upright."""
+    upright = np.zeros((30, 20), dtype=np.uint8)
+    upright[:10] = 255  # bright top third
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(np.rot90(upright, 1).copy()).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    arr = image_array(Image.open(tmp_path / "photo.jpg"), 30, 1)[0]
+    assert arr[:10].mean() > 200 and arr[-10:].mean() < 50  # the bright third on top, as the camera saw it

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from metalab.data.cache import cache_dir, load_tensors, save_tensors_atomic
 from metalab.data.source import LabelledSource
@@ -84,7 +84,7 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int | No
     return LabelledSource(x, y, names, domains, domain_names, name=root.name)
 
 
-_CACHE_VERSION = 2  #: bump when decoding changes, so old cache entries are not used
+_CACHE_VERSION = 3  #: bump when decoding changes, so old cache entries are not used
 
 
 def _listing_key(root: Path, files: list[list[Path]]) -> str:
@@ -100,7 +100,9 @@ def _listing_key(root: Path, files: list[list[Path]]) -> str:
 def image_array(img: Image.Image, image_size: int = 28, channels: int = 1) -> np.ndarray:
     """A PIL image → ``uint8 [channels, image_size, image_size]`` (grayscale or RGB, Lanczos-resized).
     Transparent pixels are laid on white (a drawing on a transparent page keeps its strokes) and
-    16-bit images are scaled to 8 bits, not clipped."""
+    16-bit images are scaled to 8 bits, not clipped; a photo's EXIF orientation is applied (a phone
+    stores portrait shots sideways with a tag saying so)."""
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I") or (img.mode == "F"):
         wide = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(wide / 257.0 if wide.max() > 255 else wide, 0, 255).astype(np.uint8))
