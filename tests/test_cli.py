@@ -97,3 +97,13 @@ def test_help_and_keys_answer_without_loading_torch(tmp_path):
     elsewhere = tmp_path / "typo" / "r.sqlite"  # listing a registry that is not there makes none
     out = subprocess.run([sys.executable, "-c", code, "keys", "list", "--db", str(elsewhere)], capture_output=True, text=True, env=ENV, timeout=60)
     assert out.returncode == 2 and "does not exist; create a key first" in out.stderr and not elsewhere.parent.exists()
+
+
+def test_demo_the_readme_runs(tmp_path):
+    """`make demo` runs `metalab demo`; here with a 3-second training budget (the real one: 420 s)."""
+    out = metalab("demo", "--time-budget", "3", "--out", str(tmp_path / "demo"), "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    assert [(r["ways"], r["shots"], r["episodes"]) for r in record["results"]] == [(5, 1, 600), (5, 5, 600), (20, 1, 600), (20, 5, 600)]
+    assert record["results"][0]["mean"] > 0.3 and "Japanese" in record["split_description"]  # above 5-way chance, unseen alphabets
+    assert "5-way 1-shot" in out.stdout and "never trained" in out.stdout
