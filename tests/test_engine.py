@@ -128,6 +128,10 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"data.val_fraction=0.1 and data.test_fraction=1.5 are invalid"):
         RunConfig.from_dict({"data": {"test_fraction": 1.5}})
     assert RunConfig.from_dict({"train": {"lr": "1e-3"}}).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    import numpy as np
+
+    seeded = RunConfig.from_dict({"train": {"seed": np.int64(3), "lr": np.float32(0.5)}})  # numpy numbers, saved as plain ones
+    assert type(seeded.train.seed) is int and type(seeded.train.lr) is float
     assert RunConfig.from_dict({"train": {"ways": [2, 5], "task_threads": 2}, "data": {"channels": 3}}).train.ways == [2, 5]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -255,6 +256,8 @@ def _typed(value, hint, where: str):
     """``value`` if it has a type ``hint`` allows; a number written as a string for a float field
     (YAML 1.1 reads ``1e-3`` as a string) becomes the float; otherwise an error naming the field."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):  # a numpy scalar: YAML can't save it
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)
     if any(_is(value, t) for t in allowed):
         return value
     if float in allowed and isinstance(value, str):
