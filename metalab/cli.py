@@ -133,6 +133,8 @@ def train(
 def _print_left_out(record: dict) -> None:
     for item in record.get("left_out", []):
         console.print(f"left out {item['ways']}-way {item['shots']}-shot: it {escape(item['reason'])}.")
+    for item in record.get("full_task_left_out", []):
+        console.print(f"left out all classes at {item['shots']} shots: it {escape(item['reason'])}.")
 
 
 def _train_rl(cfg, run_dir: Path, resume: bool, progress: bool, evaluate_after: bool) -> None:

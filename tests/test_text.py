@@ -261,6 +261,25 @@ def train_tiny_text_run(encoder_dir, run_dir):
     MetaTrainer(cfg, run_dir, show_progress=False, log=lambda m: None).train()
 
 
+def test_full_tasks_a_class_cannot_fill_are_named_and_left_out(tiny_encoder_dir, tmp_path):
+    from metalab.engine import MetaTrainer, RunConfig
+    from metalab.engine.eval_run import evaluate_run
+
+    data = write_csv(tmp_path / "intents.csv", intent_rows())
+    cfg = RunConfig.from_dict({"data": {"source": str(data), "encoder": str(tiny_encoder_dir), "encoder_layers": None,
+                                        "test_domains": ["fun"], "val_fraction": 0.25},
+                               "train": {"algo": "protonet", "ways": 2, "shots": 1, "queries": 2, "steps": 2, "val_every": 100},
+                               "eval": {"settings": [[2, 1]], "queries": 2, "episodes": 4, "full_task_shots": [2, 50],
+                                        "full_task_draws": 2}})
+    said = []
+    MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=said.append, check_eval=True).train()
+    assert any(line.startswith("evaluation will leave out all test classes at 50 shots: it needs 50 'train' examples")
+               for line in said), said
+    record = evaluate_run(tmp_path / "run", show_progress=False)
+    assert [t["shots"] for t in record["full_task"]] == [2]
+    assert record["full_task_left_out"] == [{"shots": 50, "reason": "needs 50 'train' examples of every class but 'music' has 6"}]
+
+
 def test_adapter_round_trip_predicts_identically(tiny_encoder_dir, tmp_path):
     from metalab.engine.adapter import Adapter, adapt_from_file
 

@@ -70,7 +70,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
             results.append(evaluate(algorithm, source, ways, shots, e.queries, episodes, seed=e.seed,
                                     tasks_per_batch=e.tasks_per_batch, device=device, show_progress=show_progress))
         if source.meta.get("modality") == "text":
-            record["full_task"] = _text_full_tasks(algorithm, splits, source, e, device, show_progress)
+            record["full_task"], record["full_task_left_out"] = _text_full_tasks(algorithm, splits, source, e, device, show_progress)
     record["evaluated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     record["results"] = [r.as_dict() for r in results]
     if split == "test" and current().is_main:  # under torchrun every rank evaluated its share; rank 0 writes
@@ -78,10 +78,11 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
     return record
 
 
-def _text_full_tasks(algorithm, splits, source, e, device, show_progress: bool) -> list[dict]:
+def _text_full_tasks(algorithm, splits, source, e, device, show_progress: bool) -> tuple[list[dict], list[dict]]:
     """Every class of the evaluated split at once, at each of ``eval.full_task_shots``, with macro
-    P/R/F1 and (CLINC150) out-of-scope rejection fitted on the validation split and ``oos_val``."""
-    from metalab.engine.text_eval import evaluate_full_task
+    P/R/F1 and (CLINC150) out-of-scope rejection fitted on the validation split and ``oos_val``;
+    and the shots left out (a class with fewer examples), with the reason."""
+    from metalab.engine.text_eval import evaluate_full_task, full_task_unfit
 
     params = algorithm.params()
     algorithm.eval()
@@ -92,9 +93,12 @@ def _text_full_tasks(algorithm, splits, source, e, device, show_progress: bool) 
     oos = source.meta.get("out_of_scope", {})
     oos_test, oos_val = oos.get("test"), oos.get("val")
     threshold_task = (splits.val, oos_val) if oos_val is not None and splits.val.num_classes >= 2 else None
-    out = []
+    out, left_out = [], []
     for shots in e.full_task_shots:
+        if why := full_task_unfit(source, shots):
+            left_out.append({"shots": shots, "reason": why})
+            continue
         rec = evaluate_full_task(head, source, shots, e.full_task_draws, seed=e.seed, oos_queries=oos_test,
                                  threshold_task=threshold_task, show_progress=show_progress)
         out.append(rec)
-    return out
+    return out, left_out

@@ -27,6 +27,17 @@ def parts_of(source: LabelledSource) -> list[str]:
     return source.meta.get("per_example", {}).get("part") or ["train"] * source.x.shape[0]
 
 
+def full_task_unfit(source: LabelledSource, shots: int, support_part: str = "train") -> str | None:
+    """Why "all classes at ``shots`` shots" cannot be drawn from ``source`` ("needs … but …"), or
+    ``None`` when every class has ``shots`` examples in ``support_part``."""
+    in_part = torch.tensor([p == support_part for p in parts_of(source)])
+    counts = torch.bincount(source.y[in_part], minlength=source.num_classes)
+    if int(counts.min()) < shots:
+        short = source.class_names[int(counts.argmin())]
+        return f"needs {shots} '{support_part}' examples of every class but '{short}' has {int(counts.min())}"
+    return None
+
+
 def draw_support(source: LabelledSource, shots: int, seed: int, support_part: str = "train",
                  query_part: str | None = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(support [C*shots], queries [Q])``: ``shots`` random ``support_part`` examples

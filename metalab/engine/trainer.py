@@ -102,6 +102,12 @@ def check_eval_fits(config: RunConfig, test: LabelledSource, log: Callable[[str]
                           f"(e.g. --set 'eval.settings=[[{min(5, test.num_classes)}, 1]]'), lower eval.queries, or train with --no-eval.")
     for (w, k), why in unfit.items():
         log(f"evaluation will leave out {w}-way {k}-shot: it {why}.")
+    if test.meta.get("modality") == "text":
+        from metalab.engine.text_eval import full_task_unfit
+
+        for shots in config.eval.full_task_shots:
+            if why := full_task_unfit(test, shots):
+                log(f"evaluation will leave out all test classes at {shots} shots: it {why}.")
 
 
 def resolve_backbone(name: str, example_shape: tuple[int, ...], source: str) -> str:
