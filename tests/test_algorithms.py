@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -113,6 +115,19 @@ def test_adapt_takes_images_as_sources_store_them_and_checks_labels(omniglot, al
         alg.adapt(alg.params(), support, torch.tensor([0, 1, 2, 9]), 4)
     with pytest.raises(DataError, match="got 4 support examples but 3 labels"):
         alg.adapt(alg.params(), support, torch.arange(3), 4)
+
+
+@pytest.mark.parametrize("algo,options,says", [
+    ("maml", {"inner_lr": -1}, "train.algo_options.inner_lr=-1 is invalid; give a positive number"),
+    ("anil", {"inner_steps": "two"}, "train.algo_options.inner_steps='two' is invalid; give a whole number of at least 1"),
+    ("baseline", {"finetune_lr": 0}, "train.algo_options.finetune_lr=0 is invalid"),
+    ("r2d2", {"lam": 0}, "train.algo_options.lam=0 is invalid"),  # log(0) would be the error otherwise
+    ("fomaml", {"checkpoint_inner": "yes"}, "train.algo_options.checkpoint_inner='yes' is invalid; give true or false"),
+])
+def test_algorithm_options_of_the_wrong_kind_are_named(algo, options, says):
+    backbone = build_backbone("mlp", (8,), hidden=8)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        build_algorithm(algo, backbone, options, {"num_classes": 4, "class_domains": [0] * 4})
 
 
 def test_maml_per_class_head_is_a_linear_layer_for_its_ways_only(omniglot):

@@ -63,6 +63,23 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
 }
 
 
+#: the numeric and yes/no options, by kind (the others are names the algorithms check themselves)
+_POSITIVE_NUMBERS = ("inner_lr", "finetune_lr", "scale", "lam")
+_POSITIVE_WHOLE_NUMBERS = ("inner_steps", "test_inner_steps", "finetune_steps", "head_ways")
+_YES_NO = ("first_order", "checkpoint_inner")
+
+
+def _check_option(key: str, value) -> None:
+    """One sentence naming ``train.algo_options.<key>`` when its value is of the wrong kind."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in _POSITIVE_NUMBERS and not (number and value > 0):
+        raise ConfigError(f"train.algo_options.{key}={value!r} is invalid; give a positive number.")
+    if key in _POSITIVE_WHOLE_NUMBERS and not (number and isinstance(value, int) and value >= 1):
+        raise ConfigError(f"train.algo_options.{key}={value!r} is invalid; give a whole number of at least 1.")
+    if key in _YES_NO and not isinstance(value, bool):
+        raise ConfigError(f"train.algo_options.{key}={value!r} is invalid; give true or false.")
+
+
 def algorithm_spec(name: str) -> AlgorithmSpec:
     if name not in ALGORITHMS:
         raise ConfigError(f"Unknown algorithm '{name}'; choose one of: {', '.join(sorted(ALGORITHMS))}.")
@@ -87,6 +104,8 @@ def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None,
         raise ConfigError(
             f"Option(s) {unknown} do not apply to algorithm '{name}'; it accepts: {list(spec.options) or 'none'}."
         )
+    for key, value in options.items():
+        _check_option(key, value)
     if spec.needs_classes and not {"num_classes", "class_domains"} <= set(context):
         raise ConfigError(f"Algorithm '{name}' needs the meta-train classes in its context (num_classes, class_domains).")
     return spec.build(backbone, context, **options)
