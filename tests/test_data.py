@@ -162,7 +162,7 @@ def test_colour_image_folders_keep_their_colour(tmp_path):
     assert len(record["results"]) == 1 and record["left_out"] == []
     with pytest.raises(DataError, match=r"^3-way 1-shot needs 3 classes but the test split has 2; lower ways"):
         evaluate_run(tmp_path / "run", [[3, 1]], episodes=4, show_progress=False)  # asked for by name: an error
-    with pytest.raises(DataError, match="No evaluation setting fits the test split: 5-way 1-shot needs 5 classes"):
+    with pytest.raises(DataError, match=r"No evaluation setting fits the test split \(5-way 1-shot needs 5 classes"):
         evaluate_run(tmp_path / "run", episodes=4, show_progress=False)  # the run's own eval.settings, none fits
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     config["eval"]["settings"] = [[2, 1], [5, 1]]

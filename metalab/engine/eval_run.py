@@ -8,7 +8,7 @@ from pathlib import Path
 
 from metalab.data.catalog import is_task_family, load_splits, load_task_family, text_options
 from metalab.engine.distributed import current
-from metalab.engine.evaluate import EvalResult, evaluate, evaluate_regression, setting_unfit
+from metalab.engine.evaluate import EvalResult, evaluate, evaluate_regression, none_fits, unfit_settings
 from metalab.engine.run import RunFolder
 from metalab.engine.trainer import load_trained
 from metalab.errors import ConfigError, DataError
@@ -56,13 +56,12 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
         if source is None:
             raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")
         record["split_description"] = splits.description
-        unfit = {(w, k): why for w, k in settings or e.settings if (why := setting_unfit(source, w, k, e.queries, split))}
-        named = [f"{w}-way {k}-shot {why}" for (w, k), why in unfit.items()]
+        unfit = unfit_settings(source, settings or e.settings, e.queries, split)
         if settings and unfit:  # asked for by name: all of them, or an error
-            raise DataError(f"{named[0]}; lower ways, shots or eval.queries.")
+            (w, k), why = next(iter(unfit.items()))
+            raise DataError(f"{w}-way {k}-shot {why}; lower ways, shots or eval.queries.")
         if unfit and len(unfit) == len(e.settings):
-            raise DataError(f"No evaluation setting fits the {split} split: {'; '.join(named)}; "
-                            "set eval.settings (e.g. --setting 2w1s) or lower eval.queries.")
+            raise DataError(f"{none_fits(unfit, split)}; pass --setting (e.g. 2w1s), set eval.settings or lower eval.queries.")
         record["left_out"] = [{"ways": w, "shots": k, "reason": why} for (w, k), why in unfit.items()]
         for ways, shots in settings or e.settings:
             if (ways, shots) in unfit:

@@ -107,6 +107,16 @@ def setting_unfit(source: LabelledSource, ways: int, shots: int, queries: int, s
     return None
 
 
+def unfit_settings(source: LabelledSource, settings, queries: int, split: str = "test") -> dict[tuple[int, int], str]:
+    """``{(ways, shots): why}`` for each ``[ways, shots]`` setting ``source`` cannot give (:func:`setting_unfit`)."""
+    return {(w, k): why for w, k in settings if (why := setting_unfit(source, w, k, queries, split))}
+
+
+def none_fits(unfit: dict[tuple[int, int], str], split: str = "test") -> str:
+    """The start of the error when no setting fits: each one with its reason."""
+    return f"No evaluation setting fits the {split} split ({'; '.join(f'{w}-way {k}-shot {why}' for (w, k), why in unfit.items())})"
+
+
 def evaluate(
     algorithm: Algorithm,
     source: LabelledSource,

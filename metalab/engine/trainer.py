@@ -32,7 +32,7 @@ from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from metalab.engine.cpu_memory import keep_freed_memory
 from metalab.engine.config import RunConfig
-from metalab.engine.evaluate import evaluate, evaluate_regression, setting_unfit
+from metalab.engine.evaluate import evaluate, evaluate_regression, none_fits, unfit_settings
 from metalab.engine.precision import precision_note, training_precision
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
@@ -93,13 +93,13 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
 
 
 def check_eval_fits(config: RunConfig, test: LabelledSource, log: Callable[[str], None] = print) -> None:
-    """Before training: the run's ``eval.settings`` that ``test`` cannot give are named now (evaluation
-    will leave them out), and if none fits it is an error (else a run would train, then fail to evaluate)."""
-    unfit = {(w, k): why for w, k in config.eval.settings if (why := setting_unfit(test, w, k, config.eval.queries))}
+    """Before training: the run's ``eval.settings`` (and, for text, ``eval.full_task_shots``) that
+    ``test`` cannot give are named now, as evaluation will leave them out; if no setting fits it is
+    an error (else a run would train, then fail to evaluate)."""
+    unfit = unfit_settings(test, config.eval.settings, config.eval.queries)
     if unfit and len(unfit) == len(config.eval.settings):
-        named = "; ".join(f"{w}-way {k}-shot {why}" for (w, k), why in unfit.items())
-        raise ConfigError(f"No evaluation setting fits the test split ({named}); set eval.settings "
-                          f"(e.g. --set 'eval.settings=[[{min(5, test.num_classes)}, 1]]'), lower eval.queries, or train with --no-eval.")
+        raise ConfigError(f"{none_fits(unfit)}; set eval.settings (e.g. --set 'eval.settings=[[{min(5, test.num_classes)}, 1]]'), "
+                          "lower eval.queries, or train with --no-eval.")
     for (w, k), why in unfit.items():
         log(f"evaluation will leave out {w}-way {k}-shot: it {why}.")
     if test.meta.get("modality") == "text":
@@ -173,8 +173,8 @@ class MetaTrainer:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, splits: Splits | None = None, resume: bool = False,
                  show_progress: bool = True, log: Callable[[str], None] = print, check_eval: bool = False) -> None:
-        """``check_eval``: before anything is trained or written, check that the run's ``eval.settings``
-        can be drawn from its test split (`metalab train` evaluates when training ends)."""
+        """``check_eval``: before anything is trained or written, check what of the run's evaluation its
+        test split can give (:func:`check_eval_fits`; `metalab train` evaluates when training ends)."""
         d, t = config.data, config.train
         self.device = resolve_device(t.device)
         if self.device.type == "cpu":
