@@ -121,7 +121,9 @@ def train(
     if trainer.splits is not None:
         console.print(f"[bold]split:[/] {escape(trainer.splits.description)}")
     result = trainer.train()
-    console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
+    validating = f", {result.validation_seconds:.0f} s of it validating" if result.validation_seconds >= 1 else ""
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f} s{validating} (stopped by {result.stopped_by}); "
+                  f"run folder: {result.run_dir}")
     if evaluate_after:
         record = evaluate_run(result.run_dir, device=str(trainer.device), show_progress=progress)
         console.print(_results_table(record, f"{cfg.train.algo} on meta-test ({record['split']})"))

@@ -167,5 +167,6 @@ def test_eval_settings_that_the_test_split_cannot_give_are_named_before_training
     some_fit = cluster_config("protonet", steps=2)
     some_fit.eval.settings, some_fit.eval.episodes = [[5, 1], [wide, 1]], 20
     said = []
-    MetaTrainer(some_fit, tmp_path / "some", splits=splits, show_progress=False, log=said.append, check_eval=True).train()
+    result = MetaTrainer(some_fit, tmp_path / "some", splits=splits, show_progress=False, log=said.append, check_eval=True).train()
+    assert 0 < result.validation_seconds <= result.seconds  # the final validation, reported apart by `metalab train`
     assert f"evaluation will leave out {wide}-way 1-shot: it needs {wide} classes but the test split has {wide - 1}." in said

@@ -166,6 +166,7 @@ class TrainResult:
     seconds: float
     stopped_by: str  #: 'steps' or 'time_budget'
     last: dict
+    validation_seconds: float = 0.0  #: of ``seconds``, the time spent validating (wall clock)
 
 
 class MetaTrainer:
@@ -289,7 +290,7 @@ class MetaTrainer:
         start = clock()
         elapsed = lambda: self.elapsed_before + clock() - start  # noqa: E731
         step, stopped_by, last = self.start_step, "steps", {}
-        window_t, window_tasks = time.perf_counter(), 0
+        window_t, window_tasks, validating = time.perf_counter(), 0, 0.0
         self.algorithm.train()
         with progress_bar(f"train {t.algo}", t.steps, enabled=self.show_progress, status=True) as bar:
             bar.advance(step)
@@ -331,7 +332,9 @@ class MetaTrainer:
                             "tasks_per_s": window_tasks / max(now - window_t, 1e-9), "elapsed": elapsed()}
                     window_t, window_tasks = now, 0
                     if step % t.val_every == 0 or step == t.steps:
+                        began = time.perf_counter()
                         last.update(self.validate())
+                        validating += time.perf_counter() - began
                     if self.dist.is_main:
                         self.run.append_metrics(last)
                     shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
@@ -341,7 +344,7 @@ class MetaTrainer:
                 bar.advance()
         if step % t.checkpoint_every != 0 or step == 0:
             self.save(step, elapsed())
-        return TrainResult(self.run.path, step, elapsed(), stopped_by, last)
+        return TrainResult(self.run.path, step, elapsed(), stopped_by, last, validating)
 
     def _observe(self, batch: Episodes) -> None:
         """Feed the planner this meta-batch's query predictions (after the step: how the learner does now)."""
