@@ -68,11 +68,7 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int | No
     with progress_bar(f"decoding {sum(map(len, files))} images of '{root.name}'", sum(map(len, files)), enabled=progress) as bar:
         for label, found in enumerate(files):
             for f in found:
-                try:
-                    with Image.open(f) as img:
-                        images.append(image_array(img, image_size, channels))
-                except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-                    raise DataError(f"Image '{f}' cannot be read ({exc.__class__.__name__}); replace or remove the file.") from None
+                images.append(_decode_file(f, image_size, channels, "replace or remove the file"))
                 labels.append(label)
             bar.advance(len(found))
     x = torch.from_numpy(np.stack(images))
@@ -141,11 +137,17 @@ def read_image_file(path: str | Path, image_size: int = 28, channels: int = 1) -
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Image '{path}' does not exist or is not a file; pass the path of a .png or .jpg file.")
-    try:
-        arr = image_array(Image.open(path), image_size, channels)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        raise DataError(f"Image '{path}' cannot be read ({exc.__class__.__name__}); pass a PNG or JPEG file.") from None
+    arr = _decode_file(path, image_size, channels, "pass a PNG or JPEG file")
     return ink_high(arr) if channels == 1 else arr
+
+
+def _decode_file(path: Path, image_size: int, channels: int, fix: str) -> np.ndarray:
+    """:func:`image_array` of one file (closed after), or an error naming the file and ``fix``."""
+    try:
+        with Image.open(path) as img:
+            return image_array(img, image_size, channels)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise DataError(f"Image '{path}' cannot be read ({exc.__class__.__name__}); {fix}.") from None
 
 
 def _images(directory: Path) -> list[Path]:
