@@ -227,13 +227,16 @@ def datasets() -> None:
     from metalab.data.text import is_text_spec
 
     table = Table(title="bundled data")
-    for col in ("name", "examples", "classes", "domains", "per class", "example shape", "about"):
-        table.add_column(col)
-    for name, about in BUNDLED.items():
+    for col in ("name", "examples", "classes", "domains", "per class", "example", "out-of-scope"):
+        table.add_column(col, no_wrap=True)
+    for name in BUNDLED:
         d = _describe_text(name) if is_text_spec(name) else load_source(name).describe()
         table.add_row(name, str(d["examples"]), str(d["classes"]), str(d["domains"]),
-                      f"{d['min_per_class']}-{d['max_per_class']}", "×".join(map(str, d["example_shape"])), about)
+                      f"{d['min_per_class']}-{d['max_per_class']}", "×".join(map(str, d["example_shape"])),
+                      str(d.get("out_of_scope", "-")))
     console.print(table)
+    for name, about in BUNDLED.items():  # below the table, so a narrow terminal wraps prose, not columns
+        console.print(f"[bold]{name}[/bold]: {escape(about)}")
 
 
 def _describe_text(name: str) -> dict:
@@ -244,7 +247,7 @@ def _describe_text(name: str) -> dict:
     oos = sum(len(v) for v in corpus.out_of_scope.values())
     return {"examples": len(corpus.texts), "classes": corpus.num_classes, "domains": len(corpus.domain_names),
             "min_per_class": int(counts.min()), "max_per_class": int(counts.max()),
-            "example_shape": [f"text (+{oos} out-of-scope)"]}
+            "example_shape": ["text"], "out_of_scope": oos}
 
 
 def _full_task_table(tasks: list[dict]) -> Table:

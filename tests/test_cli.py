@@ -69,6 +69,10 @@ def test_empty_data_folder_and_corrupt_checkpoint(tmp_path):
 def test_datasets_lists_bundled_sources():
     out = metalab("datasets")
     assert out.returncode == 0 and "omniglot" in out.stdout and "242" in out.stdout
+    # in an 80-column pipe each source's row stays on one line (the prose goes below the table)
+    rows = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith("│")}
+    assert "1×28×28" in rows["omniglot"] and "22500" in rows["clinc150"] and "1200" in rows["clinc150"]
+    assert "clinc150: CLINC150 (Larson et al. 2019" in out.stdout
 
 
 def test_usage_errors_are_one_line_not_a_traceback():
