@@ -21,6 +21,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _steps(steps: int | None) -> str:
+    return "default steps" if steps is None else f"{steps} step{'s' if steps != 1 else ''}"
+
+
 def _results_table(record: dict, title: str) -> Table:
     regression = any(r.get("metric") == "mse" for r in record["results"])
     table = Table(title=title)
@@ -28,7 +32,7 @@ def _results_table(record: dict, title: str) -> Table:
         table.add_column(col, justify="right")
     for r in record["results"]:
         if r.get("metric") == "mse":
-            table.add_row(f"{r['shots']}-shot, {r['steps'] or 'default'} steps", f"{r['mean']:.4f}", f"{r['ci95']:.4f}",
+            table.add_row(f"{r['shots']}-shot, {_steps(r['steps'])}", f"{r['mean']:.4f}", f"{r['ci95']:.4f}",
                           str(r["episodes"]), str(r["queries"]))
         else:
             table.add_row(f"{r['ways']}-way {r['shots']}-shot", f"{100 * r['mean']:.2f}", f"{100 * r['ci95']:.2f}",
@@ -97,7 +101,10 @@ def train(
         cfg = RunFolder.open(resume).config()
         run_dir = resume
     else:
-        raw = RunConfig.load(config).to_dict() if config else {}  # validates the file, with clear errors
+        raw = {}
+        if config:  # validate the file (clear errors), then start from what it says, so that
+            RunConfig.load(config)  # defaults that follow the data (regression) still apply to the rest
+            raw = yaml.safe_load(config.read_text()) or {}
         flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
                  "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
                  "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
@@ -133,6 +140,8 @@ def train(
 
 
 def _print_left_out(record: dict) -> None:
+    if "diverged" in record:
+        console.print(f"[bold red]note:[/] {escape(record['diverged'])}")
     for item in record.get("left_out", []):
         console.print(f"left out {item['ways']}-way {item['shots']}-shot: it {escape(item['reason'])}.")
     for item in record.get("full_task_left_out", []):
@@ -167,7 +176,9 @@ def _assign(raw: dict, dotted: str, value) -> None:
         raise ConfigError(f"'{dotted}' does not start with a config section; use data., train., eval. or rl.")
     node = raw
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or an empty section in the YAML file
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"'{dotted}' goes through a field that is not a section.")
     node[parts[-1]] = value

@@ -111,3 +111,18 @@ def test_demo_the_readme_runs(tmp_path):
     assert [(r["ways"], r["shots"], r["episodes"]) for r in record["results"]] == [(5, 1, 600), (5, 5, 600), (20, 1, 600), (20, 5, 600)]
     assert record["results"][0]["mean"] > 0.3 and "Japanese" in record["split_description"]  # above 5-way chance, unseen alphabets
     assert "5-way 1-shot" in out.stdout and "never trained" in out.stdout
+
+
+def test_a_config_file_with_an_empty_section_takes_flags_and_the_data_s_defaults(tmp_path):
+    config = tmp_path / "sine.yaml"
+    config.write_text("train:\neval:\n  episodes: 20\n")  # 'train:' left empty; the data comes by flag
+    run = tmp_path / "run"
+    out = metalab("train", "--config", str(config), "--data", "sinusoid", "--algo", "maml", "--steps", "5",
+                  "--set", "train.val_episodes=10",
+                  "--out", str(run), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["algo"] == "maml" and saved["train"]["shots"] == 10  # regression's default, not 1
+    assert saved["eval"]["settings"] == [[1, 5], [1, 10]] and "10-shot" in out.stdout and "nan" not in out.stdout

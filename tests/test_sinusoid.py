@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from metalab.data.sinusoid import SinusoidTasks
@@ -36,3 +38,35 @@ def test_maml_regression_beats_predicting_zero_and_writes_the_plot(tmp_path):
     assert one_step["metric"] == "mse" and one_step["episodes"] == 200
     assert one_step["mean"] < 0.6 * zero_mse, (one_step, zero_mse)  # measured: 1.67 vs 3.99
     assert (tmp_path / "maml" / "adaptation.png").stat().st_size > 10_000
+
+
+def regression_run(tmp_path, **train) -> RunConfig:
+    return RunConfig.from_dict({"data": {"source": "sinusoid"},
+                                "train": {"algo": "maml", "steps": 40, "val_every": 40, "val_episodes": 20,
+                                          "checkpoint_every": 40, "device": "cpu", **train},
+                                "eval": {"episodes": 20}})
+
+
+def test_regression_defaults_follow_the_maml_paper_where_the_config_is_silent(tmp_path):
+    config = regression_run(tmp_path)
+    assert config.train.shots == 10 and config.eval.settings == [[1, 5], [1, 10]]
+    given = RunConfig.from_dict({"data": {"source": "sinusoid"}, "train": {"shots": 5}, "eval": {"settings": [[1, 20]]}})
+    assert given.train.shots == 5 and given.eval.settings == [[1, 20]]
+    assert RunConfig.from_dict({"data": {"source": "omniglot"}}).train.shots == 1  # classification keeps its own
+    trainer = MetaTrainer(config, tmp_path / "run", show_progress=False, log=lambda m: None)
+    assert trainer.algorithm.inner_lr == 0.01  # classification's 0.4 makes 10 test steps on an MSE blow up
+    trainer.train()
+    record = evaluate_run(tmp_path / "run", show_progress=False)
+    assert [r["shots"] for r in record["results"]] == [5, 10]
+    assert all(math.isfinite(r["mean"]) for r in record["results"]) and "diverged" not in record
+
+
+def test_a_diverging_inner_loop_is_named_and_shots_are_evaluated_once(tmp_path):
+    config = regression_run(tmp_path, algo_options={"inner_lr": 0.4})
+    config.eval.settings = [[5, 1], [20, 1], [5, 5]]  # classification-style pairs: the ways mean nothing here
+    logged = []
+    MetaTrainer(config, tmp_path / "run", show_progress=False, log=logged.append).train()
+    assert any("adaptation diverged" in str(m) and "inner_lr (now 0.4)" in str(m) for m in logged), logged
+    record = evaluate_run(tmp_path / "run", show_progress=False)
+    assert [r["shots"] for r in record["results"]] == [1, 5]
+    assert "lower train.algo_options.inner_lr (now 0.4)" in record["diverged"]

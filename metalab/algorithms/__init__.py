@@ -42,9 +42,18 @@ class AlgorithmSpec:
     needs_classes: bool = False  #: needs the meta-train classes (num_classes, class_domains) in its context
 
 
+#: the inner step size of gradient-based methods on regression when ``inner_lr`` is not given: the
+#: MAML paper's alpha for sinusoids (the classification defaults, 0.1-0.4, diverge on an MSE loss)
+REGRESSION_INNER_LR = 0.01
+
+
 def _gradient_based(factory):
-    return lambda backbone, ctx, **o: factory(backbone, task=ctx.get("task", "classification"),
-                                              outputs=ctx.get("outputs", 1), **o)
+    def build(backbone, ctx, **options):
+        task = ctx.get("task", "classification")
+        if task == "regression":
+            options.setdefault("inner_lr", REGRESSION_INNER_LR)
+        return factory(backbone, task=task, outputs=ctx.get("outputs", 1), **options)
+    return build
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {

@@ -125,6 +125,7 @@ class RunConfig:
         unknown = sorted(set(raw) - set(sections) - {"name"})
         if unknown:
             raise ConfigError(f"{origin}: unknown section(s) {unknown}; allowed: name, data, train, eval, rl.")
+        raw = _with_regression_defaults(raw)
         built = {name: _build(klass, raw.get(name) or {}, f"{origin}: {name}") for name, klass in sections.items()}
         cfg = cls(name=str(raw.get("name", "run")), **built)
         cfg.validate()
@@ -235,6 +236,27 @@ class RunConfig:
             raise ConfigError("rl.inner_lr and rl.grad_clip must be > 0 and rl.gamma in (0, 1].")
         if r.hidden is not None and not all(isinstance(h, int) and h > 0 for h in r.hidden):
             raise ConfigError(f"rl.hidden={r.hidden!r} is invalid; give a list of positive layer widths (or [] for linear).")
+
+
+#: a regression task family's defaults where the config leaves the field out (the MAML paper's
+#: sinusoid set-up: K = 10 points per task in training, K = 5 and 10 at test); the classification
+#: defaults (1 shot; 5- and 20-way settings, which are one output for regression) do not fit it
+REGRESSION_DEFAULTS = {"train": {"shots": 10}, "eval": {"settings": [[1, 5], [1, 10]]}}
+
+
+def _with_regression_defaults(raw: dict) -> dict:
+    data = raw.get("data")
+    source = data.get("source") if isinstance(data, dict) else None
+    from metalab.data.catalog import is_task_family
+
+    if not isinstance(source, str) or not is_task_family(source):
+        return raw
+    raw = dict(raw)
+    for section, defaults in REGRESSION_DEFAULTS.items():
+        given = raw.get(section) or {}
+        if isinstance(given, dict):
+            raw[section] = {**defaults, **given}
+    return raw
 
 
 def _build(klass, raw: dict, origin: str):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from metalab.data.catalog import is_task_family, load_splits, load_task_family, text_options
 from metalab.engine.distributed import current
-from metalab.engine.evaluate import EvalResult, evaluate, evaluate_regression, none_fits, unfit_settings
+from metalab.engine.evaluate import EvalResult, divergence_note, evaluate, evaluate_regression, none_fits, unfit_settings
 from metalab.engine.run import RunFolder
 from metalab.engine.trainer import load_trained
 from metalab.errors import ConfigError, DataError
@@ -39,10 +39,12 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
     record = {"run": str(run_dir), "step": info["step"], "algo": config.train.algo, "split": split}
     if is_task_family(d.source):
         record["split_description"] = f"fresh '{d.source}' tasks drawn with seed {e.seed} (training used seed {config.train.seed})"
-        for _, shots in settings or e.settings:
+        for shots in dict.fromkeys(shots for _, shots in settings or e.settings):  # ways mean nothing here
             family = load_task_family(d.source, shots=shots, queries=e.queries, tasks=e.tasks_per_batch, seed=e.seed)
             for steps in e.adapt_steps or [None]:
                 results.append(evaluate_regression(algorithm, family, steps, episodes, device, show_progress))
+        if note := divergence_note(algorithm, results):
+            record["diverged"] = note
         if split == "test":
             from metalab.report.sinusoid_plot import plot_sinusoid_adaptation
 

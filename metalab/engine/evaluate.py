@@ -159,3 +159,15 @@ def evaluate_regression(algorithm: Algorithm, family, steps: int, episodes: int 
                               description=f"eval {family.shots}-shot {steps} steps", show_progress=show_progress)
     mean, ci = mean_ci95(values)
     return EvalResult(1, family.shots, family.queries, int(values.numel()), mean, ci, metric="mse", steps=steps)
+
+
+def divergence_note(algorithm: Algorithm, results: list[EvalResult]) -> str | None:
+    """One sentence when adaptation blew up (a non-finite MSE) on some setting, naming the options
+    that set its step size; ``None`` when every figure is finite."""
+    bad = [r for r in results if not math.isfinite(r.mean)]
+    if not bad:
+        return None
+    where = ", ".join(f"{r.shots}-shot" + (f" after {r.steps} steps" if r.steps is not None else "") for r in bad)
+    lr = getattr(algorithm, "inner_lr", None)
+    return (f"adaptation diverged (MSE {bad[0].mean}) at {where}: the inner loop's steps are too large for this loss; "
+            f"lower train.algo_options.inner_lr (now {lr}) or test_inner_steps and train again.")

@@ -32,7 +32,7 @@ from metalab.data.splits import Splits
 from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
 from metalab.engine.cpu_memory import keep_freed_memory
 from metalab.engine.config import RunConfig
-from metalab.engine.evaluate import evaluate, evaluate_regression, none_fits, unfit_settings
+from metalab.engine.evaluate import divergence_note, evaluate, evaluate_regression, none_fits, unfit_settings
 from metalab.engine.precision import precision_note, training_precision
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
@@ -273,6 +273,8 @@ class MetaTrainer:
                                       queries=self.config.train.queries, tasks=e.tasks_per_batch, seed=e.seed + 1)
             res = evaluate_regression(self.algorithm, family, steps=None, episodes=self.config.train.val_episodes,
                                       device=self.device, show_progress=False)
+            if note := divergence_note(self.algorithm, [res]):
+                self.log(f"validation: {note}")
             return {"val_mse": res.mean, "val_ci95": res.ci95}
         val = self.splits.val
         if val.num_classes < 2:
