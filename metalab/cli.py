@@ -215,13 +215,18 @@ def eval_(
 @app.command()
 def algorithms() -> None:
     """List the algorithms, what they do and the options they accept."""
-    from metalab.algorithms import ALGORITHMS
+    from metalab.algorithms import ALGORITHMS, option_defaults
 
     table = Table(title="algorithms")
-    for col in ("name", "tasks", "options (train.algo_options)", "what"):
+    for col in ("name", "tasks", "options (train.algo_options) = default", "what"):
         table.add_column(col)
     for name, spec in ALGORITHMS.items():
-        table.add_row(name, ", ".join(spec.tasks), escape(", ".join(spec.options) or "-"), escape(spec.summary))
+        defaults = option_defaults(name, spec.tasks[0])
+        regression = option_defaults(name, "regression") if len(spec.tasks) > 1 else defaults
+        shown = [f"{key}={_yaml_word(value)}" + (f" (regression {_yaml_word(regression[key])})"
+                                                  if regression.get(key) != value else "")
+                 for key, value in defaults.items()]
+        table.add_row(name, ", ".join(spec.tasks), escape(", ".join(shown) or "-"), escape(spec.summary))
     rl = {"maml-rl": "MAML with a policy-gradient inner loop (second order through the inner step)",
           "fomaml-rl": "first-order MAML on policies",
           "reptile-rl": "Reptile on policies (rl.inner_steps PG steps, then move towards them)",
@@ -229,6 +234,11 @@ def algorithms() -> None:
     for name, what in rl.items():
         table.add_row(name, "meta-RL (--task nav2d | bandit)", "rl.* (inner_lr, inner_steps, episodes, …)", what)
     console.print(table)
+
+
+def _yaml_word(value) -> str:
+    """A default as it is written in a config or ``--set`` (true / false, not True / False)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @app.command()

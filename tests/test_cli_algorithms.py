@@ -49,10 +49,29 @@ def test_sinusoid_regression_from_the_cli(tmp_path):
 
 
 def test_algorithms_command_lists_every_algorithm():
-    result = runner.invoke(app, ["algorithms"])
+    result = runner.invoke(app, ["algorithms"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for name in ALGORITHMS:
         assert name in result.output
+    # each option with the default it takes when left out, as a config would write it
+    assert "inner_lr=0.4 (regression 0.01), inner_steps=1" in result.output
+    assert "inner_lr=0.1 (regression 0.01), inner_steps=5" in result.output  # reptile's own defaults
+    assert "lam=1.0, scale=1.0" in result.output and "first_order=false" in result.output
+
+
+def test_option_defaults_are_what_an_algorithm_built_without_options_uses():
+    from metalab.algorithms import build_algorithm, option_defaults
+    from metalab.models.backbones import build_backbone
+
+    for name, task in (("reptile", "classification"), ("maml", "regression"), ("anil", "classification")):
+        context = {"task": task, "outputs": 1}
+        built = build_algorithm(name, build_backbone("mlp", (4,), hidden=8), {}, context)
+        defaults = option_defaults(name, task)
+        assert {"inner_lr", "inner_steps", "test_inner_steps"} <= set(defaults), defaults
+        for key, value in defaults.items():
+            if hasattr(built, key):
+                assert getattr(built, key) == value, (name, key)
+    assert option_defaults("maml", "regression")["inner_lr"] == 0.01 != option_defaults("maml")["inner_lr"]
 
 
 @pytest.mark.parametrize("planner", ["hard", "curriculum", "domain-balanced"])

@@ -8,6 +8,7 @@ for regression). The context is stored in checkpoints, so a run reloads without 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ class AlgorithmSpec:
     tasks: tuple[str, ...] = ("classification",)
     summary: str = ""
     needs_classes: bool = False  #: needs the meta-train classes (num_classes, class_domains) in its context
+    cls: type | None = None  #: the class the options go to (its and its bases' signatures give their defaults)
 
 
 #: the inner step size of gradient-based methods on regression when ``inner_lr`` is not given: the
@@ -57,18 +59,18 @@ def _gradient_based(factory):
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "protonet": AlgorithmSpec(lambda b, ctx, **o: ProtoNet(b, **o), "batch", (), summary="Prototypical Networks (Snell et al. 2017)"),
-    "matchingnet": AlgorithmSpec(lambda b, ctx, **o: MatchingNet(b, **o), "batch", ("scale",), summary="Matching Networks, cosine attention (Vinyals et al. 2016)"),
-    "r2d2": AlgorithmSpec(lambda b, ctx, **o: R2D2(b, **o), "batch", ("lam", "scale"), summary="closed-form ridge head (Bertinetto et al. 2019)"),
-    "anil": AlgorithmSpec(lambda b, ctx, **o: ANIL(b, **o), "batch", ("inner_lr", "inner_steps", "test_inner_steps", "first_order"), summary="inner loop on the head only (Raghu et al. 2020)"),
-    "maml": AlgorithmSpec(_gradient_based(MAML), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "second-order MAML (Finn et al. 2017)"),
-    "fomaml": AlgorithmSpec(_gradient_based(first_order_maml), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "first-order MAML"),
-    "reptile": AlgorithmSpec(_gradient_based(Reptile), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "Reptile (Nichol et al. 2018)"),
-    "metasgd": AlgorithmSpec(_gradient_based(MetaSGD), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "learned per-parameter inner step sizes (Li et al. 2017)"),
-    "baseline": AlgorithmSpec(lambda b, ctx, **o: Baseline(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="pre-train on all classes, new linear head (Chen et al. 2019)", needs_classes=True),
-    "baseline++": AlgorithmSpec(lambda b, ctx, **o: baseline_pp(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="cosine-classifier pre-training and head (Chen et al. 2019)", needs_classes=True),
-    "multitask": AlgorithmSpec(lambda b, ctx, **o: MultiTask(b, torch.as_tensor(ctx["class_domains"]), **o), "batch", _HEAD_OPTIONS, summary="shared encoder, one head per training domain, new head per task", needs_classes=True),
-    "pretrained": AlgorithmSpec(_gradient_based(Pretrained), "task-batch", ("inner_lr", "test_inner_steps"), ("regression",), "pooled-data regression net, fine-tuned per task (MAML paper's baseline)"),
+    "protonet": AlgorithmSpec(lambda b, ctx, **o: ProtoNet(b, **o), "batch", (), summary="Prototypical Networks (Snell et al. 2017)", cls=ProtoNet),
+    "matchingnet": AlgorithmSpec(lambda b, ctx, **o: MatchingNet(b, **o), "batch", ("scale",), summary="Matching Networks, cosine attention (Vinyals et al. 2016)", cls=MatchingNet),
+    "r2d2": AlgorithmSpec(lambda b, ctx, **o: R2D2(b, **o), "batch", ("lam", "scale"), summary="closed-form ridge head (Bertinetto et al. 2019)", cls=R2D2),
+    "anil": AlgorithmSpec(lambda b, ctx, **o: ANIL(b, **o), "batch", ("inner_lr", "inner_steps", "test_inner_steps", "first_order"), summary="inner loop on the head only (Raghu et al. 2020)", cls=ANIL),
+    "maml": AlgorithmSpec(_gradient_based(MAML), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "second-order MAML (Finn et al. 2017)", cls=MAML),
+    "fomaml": AlgorithmSpec(_gradient_based(first_order_maml), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "first-order MAML", cls=MAML),
+    "reptile": AlgorithmSpec(_gradient_based(Reptile), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "Reptile (Nichol et al. 2018)", cls=Reptile),
+    "metasgd": AlgorithmSpec(_gradient_based(MetaSGD), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "learned per-parameter inner step sizes (Li et al. 2017)", cls=MetaSGD),
+    "baseline": AlgorithmSpec(lambda b, ctx, **o: Baseline(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="pre-train on all classes, new linear head (Chen et al. 2019)", needs_classes=True, cls=Baseline),
+    "baseline++": AlgorithmSpec(lambda b, ctx, **o: baseline_pp(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="cosine-classifier pre-training and head (Chen et al. 2019)", needs_classes=True, cls=Baseline),
+    "multitask": AlgorithmSpec(lambda b, ctx, **o: MultiTask(b, torch.as_tensor(ctx["class_domains"]), **o), "batch", _HEAD_OPTIONS, summary="shared encoder, one head per training domain, new head per task", needs_classes=True, cls=MultiTask),
+    "pretrained": AlgorithmSpec(_gradient_based(Pretrained), "task-batch", ("inner_lr", "test_inner_steps"), ("regression",), "pooled-data regression net, fine-tuned per task (MAML paper's baseline)", cls=Pretrained),
 }
 
 
@@ -99,6 +101,22 @@ def algorithm_norm(name: str) -> str:
     return algorithm_spec(name).norm
 
 
+def option_defaults(name: str, task: str = "classification") -> dict[str, object]:
+    """Each option's default for algorithm ``name`` on ``task``, read from the signatures of the
+    class it builds and of that class's bases (a subclass's own default wins); on regression,
+    ``inner_lr``'s is :data:`REGRESSION_INNER_LR`."""
+    spec, found = algorithm_spec(name), {}
+    for klass in spec.cls.__mro__ if spec.cls is not None else ():
+        if "__init__" not in vars(klass):
+            continue
+        for param in inspect.signature(vars(klass)["__init__"]).parameters.values():
+            if param.name in spec.options and param.default is not param.empty:
+                found.setdefault(param.name, param.default)
+    if task == "regression" and "inner_lr" in found:
+        found["inner_lr"] = REGRESSION_INNER_LR
+    return {key: found[key] for key in spec.options if key in found}
+
+
 def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None, context: dict | None = None) -> Algorithm:
     """An algorithm by name; ``options`` are its hyper-parameters (unknown ones are an error)."""
     spec = algorithm_spec(name)
@@ -121,4 +139,5 @@ def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None,
 
 
 __all__ = ["ALGORITHMS", "ANIL", "Algorithm", "Baseline", "FeatureHeadAlgorithm", "MAML", "MatchingNet", "MetaSGD",
-           "MultiTask", "Predictor", "ProtoNet", "R2D2", "Reptile", "algorithm_norm", "algorithm_spec", "build_algorithm"]
+           "MultiTask", "Predictor", "ProtoNet", "R2D2", "Reptile", "algorithm_norm", "algorithm_spec", "build_algorithm",
+           "option_defaults"]
