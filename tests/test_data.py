@@ -209,3 +209,42 @@ def test_photos_are_read_upright(tmp_path):
     Image.fromarray(np.rot90(upright, 1).copy()).save(tmp_path / "photo.jpg", exif=exif, quality=95)
     arr = image_array(Image.open(tmp_path / "photo.jpg"), 30, 1)[0]
     assert arr[:10].mean() > 200 and arr[-10:].mean() < 50  # the bright third on top, as the camera saw it
+
+
+def test_images_read_for_an_adapter_follow_its_folder_s_ink_decision(tmp_path):
+    """A folder of light pages is inverted as a whole; a bold glyph in it (a dark image on its own)
+    must be inverted at prediction too, or the adapter sees a negative of what it was given."""
+    from metalab.data.folders import read_image_file
+    from metalab.engine import MetaTrainer, RunConfig
+    from metalab.engine.adapter import Adapter, adapt_from_file
+
+    def page(path, box):  # white page, black rectangle (top, bottom, left, right)
+        pixels = np.full((16, 16), 255, np.uint8)
+        pixels[box[0]:box[1], box[2]:box[3]] = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+
+    for c in range(7):  # thin strokes: light pages
+        for i in range(3):
+            page(tmp_path / "data" / f"line{c}" / f"{i}.png", (1 + 2 * c + i % 2, 2 + 2 * c + i % 2, 1, 15))
+    cfg = RunConfig.from_dict({"data": {"source": str(tmp_path / "data"), "image_size": 16, "test_fraction": 0.3,
+                                        "val_fraction": 0.15},
+                               "train": {"algo": "protonet", "ways": 2, "shots": 1, "queries": 1, "steps": 2,
+                                         "val_every": 100, "val_episodes": 2, "device": "cpu"}, "eval": {"queries": 1}})
+    MetaTrainer(cfg, tmp_path / "run", show_progress=False, log=lambda m: None).train()
+
+    page(tmp_path / "support" / "thin" / "0.png", (7, 8, 1, 15))
+    page(tmp_path / "support" / "thin" / "1.png", (8, 9, 1, 15))
+    page(tmp_path / "support" / "bold" / "0.png", (0, 14, 0, 14))  # 77 % ink: dark on its own (mean 59)
+    page(tmp_path / "support" / "bold" / "1.png", (2, 16, 2, 16))
+    for round_ in ("decoded", "cached"):
+        source = load_image_folder(tmp_path / "support", image_size=16)
+        assert source.meta["ink_inverted"] is True, round_  # the folder's mean page is light
+    adapter = adapt_from_file(tmp_path / "run", tmp_path / "support", head="prototypes")
+    saved = Adapter.load(adapter.save(tmp_path / "a.safetensors"))
+    bold = tmp_path / "support" / "bold" / "0.png"
+    as_supported = source.x[source.y == source.class_names.index("bold")][0]
+    assert read_image_file(bold, 16, 1).mean() < 128  # judged alone it would not be inverted
+    for a in (adapter, saved):
+        assert torch.equal(a.read_images([bold])[0], as_supported)
+        assert [p.label for p in a.predict([bold, tmp_path / "support" / "thin" / "0.png"])] == ["bold", "thin"]

@@ -60,8 +60,9 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int | No
     domains = torch.tensor([domain_names.index(d) for d, _, _ in entries])
     cache_path = cache_dir() / "folders" / f"{root.name}-{image_size}-{channels}-{_listing_key(root, files)}.safetensors"
     if use_cache and (hit := load_tensors(cache_path)) is not None and hit[1].get("class_names") == names:
-        tensors, _ = hit
-        return LabelledSource(tensors["x"], tensors["y"], names, domains, domain_names, name=root.name)
+        tensors, meta = hit
+        return LabelledSource(tensors["x"], tensors["y"], names, domains, domain_names, name=root.name,
+                              meta=_ink_meta(channels, meta.get("ink_inverted", False)))
     from metalab.engine.progress import progress_bar  # here: metalab.engine imports this module
 
     images, labels = [], []
@@ -72,15 +73,24 @@ def load_image_folder(root: str | Path, image_size: int = 28, channels: int | No
                 labels.append(label)
             bar.advance(len(found))
     x = torch.from_numpy(np.stack(images))
-    if channels == 1 and x.float().mean() > 127:
+    inverted = channels == 1 and bool(x.float().mean() > 127)
+    if inverted:
         x = 255 - x  # dark strokes on a light page: store ink as high values
     y = torch.tensor(labels)
     if use_cache:
-        save_tensors_atomic(cache_path, {"x": x, "y": y}, {"class_names": names, "version": _CACHE_VERSION})
-    return LabelledSource(x, y, names, domains, domain_names, name=root.name)
+        save_tensors_atomic(cache_path, {"x": x, "y": y},
+                            {"class_names": names, "version": _CACHE_VERSION, "ink_inverted": inverted})
+    return LabelledSource(x, y, names, domains, domain_names, name=root.name, meta=_ink_meta(channels, inverted))
 
 
-_CACHE_VERSION = 3  #: bump when decoding changes, so old cache entries are not used
+def _ink_meta(channels: int, inverted: bool) -> dict:
+    """``meta["ink_inverted"]`` of a grayscale folder: whether its pages were light and so inverted, a
+    decision made once for the folder, which images read later for it must follow
+    (:func:`read_image_file`'s ``ink_inverted``)."""
+    return {"ink_inverted": inverted} if channels == 1 else {}
+
+
+_CACHE_VERSION = 4  #: bump when decoding changes, so old cache entries are not used
 
 
 def _listing_key(root: Path, files: list[list[Path]]) -> str:
@@ -131,14 +141,21 @@ def ink_high(arr: np.ndarray) -> np.ndarray:
     return 255 - arr if arr.mean() > 127 else arr
 
 
-def read_image_file(path: str | Path, image_size: int = 28, channels: int = 1) -> np.ndarray:
+def read_image_file(path: str | Path, image_size: int = 28, channels: int = 1,
+                    ink_inverted: bool | None = None) -> np.ndarray:
     """One image file → ``uint8 [channels, image_size, image_size]``, prepared as
-    :func:`load_image_folder` prepares its images (grayscale ones ink-high, judged per image)."""
+    :func:`load_image_folder` prepares its images. A grayscale image is inverted when
+    ``ink_inverted`` says so (the decision recorded for the folder it is compared with), or, when
+    that is ``None``, when its own page is light (:func:`ink_high`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Image '{path}' does not exist or is not a file; pass the path of a .png or .jpg file.")
     arr = _decode_file(path, image_size, channels, "pass a PNG or JPEG file")
-    return ink_high(arr) if channels == 1 else arr
+    if channels != 1:
+        return arr
+    if ink_inverted is None:
+        return ink_high(arr)
+    return 255 - arr if ink_inverted else arr
 
 
 def _decode_file(path: Path, image_size: int, channels: int, fix: str) -> np.ndarray:

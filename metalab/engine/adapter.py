@@ -51,19 +51,21 @@ class Adapter:
                  head: str = "algorithm", threshold: float | None = None, device: str = "cpu",
                  loaded: tuple | None = None, support_texts: Sequence[str] | None = None,
                  lexical_weight: float = 0.0, tuned_encoder=None, tuned_state: dict | None = None,
-                 tuned_id: str | None = None) -> None:
+                 tuned_id: str | None = None, ink_inverted: bool | None = None) -> None:
         """``loaded``: the run's ``(config, algorithm)`` already in memory (a server holding many adapters).
         ``lexical_weight`` > 0 (text runs, with ``support_texts``, one per support example) adds
         that weight times a lexical classifier's log-probabilities to the head's.
         ``tuned_encoder``: the run's encoder fine-tuned on this support, which embedded
         ``support_x`` and embeds the inputs (or ``tuned_state``, its weights, and ``tuned_id``,
-        its model id, as an adapter file stores them)."""
+        its model id, as an adapter file stores them). ``ink_inverted``: whether the grayscale support
+        folder's light pages were inverted; image files read for prediction follow the same decision
+        (``None``: each image judged by its own page)."""
         if head not in HEAD_CHOICES:
             raise ConfigError(f"Unknown head '{head}'; choose one of: {', '.join(HEAD_CHOICES)}.")
         if not lexical_weight >= 0:
             raise ConfigError(f"The lexical weight must be 0 or more; got {lexical_weight}.")
         self.run_dir, self.head, self.threshold, self.labels = Path(run_dir), head, threshold, list(labels)
-        self.support_x, self.support_y = support_x, support_y
+        self.support_x, self.support_y, self.ink_inverted = support_x, support_y, ink_inverted
         self.config, self.algorithm = loaded if loaded is not None else load_trained(run_dir, device)[:2]
         self.algorithm.eval()
         self.device = torch.device(device)
@@ -176,7 +178,7 @@ class Adapter:
         channels, size = int(self.support_x.shape[1]), int(self.support_x.shape[-1])
         if len(paths) == 0:
             return torch.zeros(0, channels, size, size, dtype=torch.uint8)
-        return torch.from_numpy(np.stack([read_image_file(p, size, channels) for p in paths]))
+        return torch.from_numpy(np.stack([read_image_file(p, size, channels, self.ink_inverted) for p in paths]))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -185,6 +187,8 @@ class Adapter:
                 "modality": "text" if self.text else "image"}
         if self._lexical is not None:
             meta.update(support_texts=self.support_texts, lexical_weight=self.lexical_weight)
+        if self.ink_inverted is not None:
+            meta["ink_inverted"] = self.ink_inverted
         tensors = {"support_x": self.support_x.contiguous(), "support_y": self.support_y}
         if self.tuned_encoder is not None:
             meta["encoder"] = {"model_id": self.tuned_encoder.model_id, "finetuned": True}
@@ -210,7 +214,7 @@ class Adapter:
         return cls(meta["run"], tensors["support_x"], tensors["support_y"], meta["labels"], meta["head"],
                    meta["threshold"], device, support_texts=meta.get("support_texts"),
                    lexical_weight=meta.get("lexical_weight", 0.0), tuned_state=tuned or None,
-                   tuned_id=meta.get("encoder", {}).get("model_id"))
+                   tuned_id=meta.get("encoder", {}).get("model_id"), ink_inverted=meta.get("ink_inverted"))
 
 
 def run_encoder(config):
@@ -293,7 +297,8 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     channels, size = info["example_shape"][0], info["example_shape"][-1]  # as the run's images were read
     source = load_image_folder(support, size, channels)
     _check_two_labels(support, source.class_names)
-    return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm))
+    return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm),
+                   ink_inverted=source.meta.get("ink_inverted"))
 
 
 def _check_two_labels(support: Path, labels: Sequence[str]) -> None:
