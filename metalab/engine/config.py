@@ -245,10 +245,10 @@ REGRESSION_DEFAULTS = {"train": {"shots": 10}, "eval": {"settings": [[1, 5], [1,
 
 
 def _with_regression_defaults(raw: dict) -> dict:
-    data = raw.get("data")
-    source = data.get("source") if isinstance(data, dict) else None
     from metalab.data.catalog import is_task_family
 
+    data = raw.get("data")
+    source = data.get("source") if isinstance(data, dict) else None
     if not isinstance(source, str) or not is_task_family(source):
         return raw
     raw = dict(raw)
