@@ -128,6 +128,7 @@ def train(
     if trainer.splits is not None:
         console.print(f"[bold]split:[/] {escape(trainer.splits.description)}")
     result = trainer.train()
+    _exit_if_interrupted(result, cfg)
     validating = f", {result.validation_seconds:.0f} s of it validating" if result.validation_seconds >= 1 else ""
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s{validating} (stopped by {result.stopped_by}); "
                   f"run folder: {result.run_dir}")
@@ -148,10 +149,20 @@ def _print_left_out(record: dict) -> None:
         console.print(f"left out all classes at {item['shots']} shots: it {escape(item['reason'])}.")
 
 
+def _exit_if_interrupted(result, cfg) -> None:
+    """After Ctrl-C (the trainer stopped between steps and checkpointed): say how to go on, exit 130."""
+    if result.stopped_by == "interrupted":
+        where = escape(str(result.run_dir))
+        console.print(f"interrupted at step {result.steps} of {cfg.train.steps}; its checkpoint is in {where}; "
+                      f"continue with `metalab train --resume {where}`")
+        sys.exit(130)  # the shell's code for Ctrl-C; no evaluation of a half-trained model
+
+
 def _train_rl(cfg, run_dir: Path, resume: bool, progress: bool, evaluate_after: bool) -> None:
     from metalab.rl.trainer import RLTrainer, evaluate_rl_run
 
     result = RLTrainer(cfg, run_dir, resume=resume, show_progress=progress, log=console.print).train()
+    _exit_if_interrupted(result, cfg)
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if evaluate_after:
         console.print(_returns_table(evaluate_rl_run(result.run_dir)))
@@ -482,7 +493,11 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer ≥ 0.2x returns Ctrl-C (130) and typer.Exit codes here
+            if code == 130:
+                err_console.print("aborted")
+            sys.exit(code)
         distributed = sys.modules.get("metalab.engine.distributed")
         if distributed is None:  # the command never touched torch.distributed (--help, keys, …): nothing to close,
             return  # and importing it here would load torch for nothing (~3 s)

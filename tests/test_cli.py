@@ -126,3 +126,29 @@ def test_a_config_file_with_an_empty_section_takes_flags_and_the_data_s_defaults
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["algo"] == "maml" and saved["train"]["shots"] == 10  # regression's default, not 1
     assert saved["eval"]["settings"] == [[1, 5], [1, 10]] and "10-shot" in out.stdout and "nan" not in out.stdout
+
+
+def test_ctrl_c_stops_training_between_steps_and_keeps_a_checkpoint(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "metalab", "train", "--steps", "100000", "--out", str(run),
+                              "--no-progress", "--set", "train.checkpoint_every=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training has begun
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, (out, err)
+    assert "stopping after this step" in err and "Traceback" not in err
+    step = int(out.split("interrupted at step ")[1].split()[0])
+    assert step >= 10 and (run / f"checkpoint-{step:07d}.safetensors").exists()  # no periodic one was due
+    assert f"metalab train --resume {run}" in " ".join(out.split())  # (rich wraps long lines)
+    out = metalab("eval", str(run), "--episodes", "5", "--setting", "5w1s", "--no-progress")
+    assert out.returncode == 0 and f"step {step}" in out.stdout, out.stdout + out.stderr

@@ -170,3 +170,26 @@ def test_eval_settings_that_the_test_split_cannot_give_are_named_before_training
     result = MetaTrainer(some_fit, tmp_path / "some", splits=splits, show_progress=False, log=said.append, check_eval=True).train()
     assert 0 < result.validation_seconds <= result.seconds  # the final validation, reported apart by `metalab train`
     assert f"evaluation will leave out {wide}-way 1-shot: it needs {wide} classes but the test split has {wide - 1}." in said
+
+
+def test_stop_request_turns_a_first_ctrl_c_into_a_request_and_a_second_into_an_interrupt():
+    import os
+    import signal
+
+    from metalab.engine.interrupt import StopRequest
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran the tests
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+        with StopRequest(enabled=False) as stop:  # under torchrun
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job ignores Ctrl-C: left so
+        with StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

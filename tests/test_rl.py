@@ -162,3 +162,21 @@ def test_cli_trains_and_evaluates_a_meta_rl_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "metalab", "train", "--task", "maze", "--algo", "maml-rl", "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "rl.task='maze' is unknown" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_ctrl_c_stops_rl_training_between_steps_and_checkpoints_that_step(tmp_path):
+    import os
+    import signal
+    import threading
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while it trains
+    try:
+        trainer = RLTrainer(rl_config(steps=100_000), tmp_path / "run", show_progress=False, log=lambda m: None)
+        timer.start()
+        result = trainer.train()
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, before)
+    assert result.stopped_by == "interrupted" and 0 < result.steps < 100_000
+    assert (tmp_path / "run" / f"checkpoint-{result.steps:07d}.safetensors").exists()

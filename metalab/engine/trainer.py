@@ -33,6 +33,7 @@ from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, s
 from metalab.engine.cpu_memory import keep_freed_memory
 from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import divergence_note, evaluate, evaluate_regression, none_fits, unfit_settings
+from metalab.engine.interrupt import StopRequest
 from metalab.engine.precision import precision_note, training_precision
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
@@ -164,7 +165,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     seconds: float
-    stopped_by: str  #: 'steps' or 'time_budget'
+    stopped_by: str  #: 'steps', 'time_budget' or 'interrupted' (Ctrl-C; a checkpoint of the last step is kept)
     last: dict
     validation_seconds: float = 0.0  #: of ``seconds``, the time spent validating (wall clock)
 
@@ -294,12 +295,16 @@ class MetaTrainer:
         step, stopped_by, last = self.start_step, "steps", {}
         window_t, window_tasks, validating = time.perf_counter(), 0, 0.0
         self.algorithm.train()
-        with progress_bar(f"train {t.algo}", t.steps, enabled=self.show_progress, status=True) as bar:
+        with progress_bar(f"train {t.algo}", t.steps, enabled=self.show_progress, status=True) as bar, \
+                StopRequest(enabled=not self.dist.active) as stop:
             bar.advance(step)
             while step < t.steps:
                 spent = from_main(elapsed(), self.dist)  # every rank follows rank 0's clock
                 if t.time_budget is not None and spent >= t.time_budget:
                     stopped_by = "time_budget"
+                    break
+                if stop.requested:  # Ctrl-C: between steps, where the weights are whole
+                    stopped_by = "interrupted"
                     break
                 progress = step / t.steps
                 if t.time_budget is not None:  # anneal on whichever runs out first: steps or time

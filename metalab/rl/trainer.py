@@ -12,6 +12,7 @@ import torch
 
 from metalab.engine.checkpoint import latest_good_checkpoint, save_checkpoint
 from metalab.engine.config import RunConfig
+from metalab.engine.interrupt import StopRequest
 from metalab.engine.progress import progress_bar
 from metalab.engine.run import RunFolder
 from metalab.engine.trainer import resume_point
@@ -101,11 +102,15 @@ class RLTrainer:
         start = time.perf_counter()
         step, stopped_by = self.start_step, "steps"
         elapsed = lambda: self.elapsed_before + time.perf_counter() - start  # noqa: E731
-        with progress_bar(f"{t.algo} on {r.task}", t.steps, enabled=self.show_progress, status=True) as bar:
+        with progress_bar(f"{t.algo} on {r.task}", t.steps, enabled=self.show_progress, status=True) as bar, \
+                StopRequest() as stop:
             bar.advance(step)
             while step < t.steps:
                 if t.time_budget is not None and elapsed() >= t.time_budget:
                     stopped_by = "time budget"
+                    break
+                if stop.requested:  # Ctrl-C: between steps, where the weights are whole
+                    stopped_by = "interrupted"
                     break
                 tasks = self.family.sample_tasks(t.meta_batch, self.generator)
                 self.optimizer.zero_grad(set_to_none=True)
