@@ -48,6 +48,8 @@ def _parse_settings(settings: list[str] | None) -> list[list[int]] | None:
         m = re.fullmatch(r"(\d+)w(\d+)s", s.strip())
         if not m:
             raise ConfigError(f"--setting '{s}' is not of the form <ways>w<shots>s (e.g. 5w1s).")
+        if int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise ConfigError(f"--setting '{s}' needs at least 1 way and 1 shot (e.g. 5w1s).")
         out.append([int(m.group(1)), int(m.group(2))])
     return out
 
@@ -91,13 +93,21 @@ def train(
     if not main_rank:
         console.quiet = True
         progress = False
+    flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
+             "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
+             "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
+             "train.planner": planner}
+    if resume is not None:
+        given = [{"data.source": "--data"}.get(key, f"--{key.split('.')[1].replace('_', '-')}")
+                 for key, value in flags.items() if value is not None]
+        given += ["--config"] * (config is not None) + ["--set"] * bool(set_) + ["--out"] * (out is not None)
+        if given:  # they would be silently ignored: the run goes on with its own config.yaml
+            raise ConfigError(f"--resume continues a run with its own config.yaml; drop {', '.join(given)} "
+                              "(to train with other settings, start a new run with --out).")
     if resume is None and out is not None and (out / "config.yaml").exists() \
             and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = out  # torchrun --max-restarts restarted us: continue from the last good checkpoint
-        config, set_ = None, []
+        resume = out  # torchrun --max-restarts restarted us (same command line): continue from the last good checkpoint
     if resume is not None:
-        if config is not None or set_:
-            raise ConfigError("--resume continues a run with its own config.yaml; drop --config/--set.")
         cfg = RunFolder.open(resume).config()
         run_dir = resume
     else:
@@ -105,10 +115,6 @@ def train(
         if config:  # validate the file (clear errors), then start from what it says, so that
             RunConfig.load(config)  # defaults that follow the data (regression) still apply to the rest
             raw = yaml.safe_load(config.read_text()) or {}
-        flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
-                 "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
-                 "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
-                 "train.planner": planner}
         overrides = {k: v for k, v in flags.items() if v is not None}
         for item in set_:
             if "=" not in item:

@@ -41,7 +41,9 @@ def test_train_eval_resume_on_omniglot(tmp_path):
     (["train", "--data", "/no/such/folder", "--steps", "1"], "'/no/such/folder' is neither a bundled dataset"),
     (["eval", "/no/such/run"], "Run folder '/no/such/run' does not exist"),
     (["eval", ".", "--setting", "5way"], "--setting '5way' is not of the form"),
+    (["eval", ".", "--setting", "0w1s"], "--setting '0w1s' needs at least 1 way and 1 shot"),
     (["train", "--config", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
+    (["train", "--resume", "run", "--steps", "5", "--data", "sinusoid"], "own config.yaml; drop --data, --steps (to train"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     out = metalab(*args, "--no-progress" if args[0] == "train" else "--no-progress", cwd=tmp_path)
