@@ -307,7 +307,7 @@ def _full_task_table(tasks: list[dict]) -> Table:
 @app.command()
 def adapt(
     run: Path = typer.Option(..., "--run", help="Trained run folder."),
-    support: Path = typer.Option(..., "--support", help="Labelled examples: text .csv/.jsonl (text,label) or an image folder root/<label>/*.png."),
+    support: Path = typer.Option(..., "--support", help="Labelled examples: text .csv/.jsonl (text,label), an image folder root/<label>/*.png, or an .npz of x and y (array runs)."),
     out: Path = typer.Option(Path("adapter.safetensors"), "--out", help="Adapter file to write."),
     head: str = typer.Option("algorithm", help="'algorithm' (the run's own adapt) or a head on its features: prototypes, logistic, ridge."),
     oos_threshold: Optional[float] = typer.Option(None, help="Reject as out-of-scope when the top logit is below this (default: the threshold fitted in the run's evaluation, for --head algorithm only)."),
@@ -339,7 +339,7 @@ def adapt(
 
 @app.command()
 def predict(
-    inputs: list[str] = typer.Argument(..., help="Texts to classify (text adapters) or image files (image adapters)."),
+    inputs: list[str] = typer.Argument(..., help="Texts to classify (text adapters), image files (image adapters) or .npz files of rows x (array adapters)."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter file from `metalab adapt`."),
     top: int = typer.Option(3, min=1, help="Scores shown per input."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
@@ -350,8 +350,12 @@ def predict(
     from metalab.engine.adapter import Adapter
 
     fitted = Adapter.load(adapter)
-    predictions = fitted.predict(inputs)
-    kind = "text" if fitted.text else "image"
+    if fitted.arrays:  # each .npz holds rows to label
+        rows, inputs = fitted.read_arrays(inputs)
+        predictions = fitted.predict(rows)
+    else:
+        predictions = fitted.predict(inputs)
+    kind = "text" if fitted.text else "row" if fitted.arrays else "image"
     if as_json:
         for item, p in zip(inputs, predictions):
             print(json.dumps({kind: item, "label": p.label, "scores": p.scores, "out_of_scope": p.out_of_scope}))

@@ -89,3 +89,34 @@ def test_planners_from_the_cli(planner, clusters_npz, tmp_path):
     assert (state["planner/neighbours"].shape[1] > 0) == (planner == "hard")
     bad = runner.invoke(app, ["train", "--data", str(clusters_npz), "--planner", "smart", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and not (tmp_path / "x").exists()
+
+
+def test_array_runs_adapt_and_predict_from_npz_files(clusters_npz, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(clusters_npz), "--steps", "5", "--queries", "5", "--no-eval",
+                                 "--set", "train.backbone=mlp", "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rng = np.random.default_rng(0)
+    far = {"low": -6.0, "high": 6.0}  # two new classes, far apart in every dimension
+    np.savez(tmp_path / "support.npz", x=np.concatenate([v + rng.normal(size=(3, 32)) for v in far.values()]).astype(np.float32),
+             y=np.array(["low"] * 3 + ["high"] * 3))
+    np.savez(tmp_path / "rows.npz", x=np.stack([far["high"] + rng.normal(size=32), far["low"] + rng.normal(size=32)]).astype(np.float32))
+    result = runner.invoke(app, ["adapt", "--run", str(run), "--support", str(tmp_path / "support.npz"),
+                                 "--out", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["predict", "--adapter", str(tmp_path / "a.safetensors"), "--json", str(tmp_path / "rows.npz")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [(p["row"], p["label"]) for p in lines] == [("rows.npz[0]", "high"), ("rows.npz[1]", "low")]
+    np.savez(tmp_path / "narrow.npz", x=np.zeros((2, 5), np.float32), y=np.array(["a", "b"]))
+    for command, says in ((["adapt", "--run", str(run), "--support", str(tmp_path / "narrow.npz")],
+                           "has examples of shape [5], but run"),
+                          (["predict", "--adapter", str(tmp_path / "a.safetensors"), str(tmp_path / "narrow.npz")],
+                           "has examples of shape [5]; this adapter's are [32]")):
+        result = runner.invoke(app, command)  # (main() prints such errors; in-process, the exception carries them)
+        assert result.exit_code != 0 and says in str(result.exception), (command, result.exception)
+    from metalab.errors import ConfigError
+    from metalab.serve.model import ServedRun
+
+    with pytest.raises(ConfigError, match=r"takes text runs and image runs; .* arrays of shape \[32\]"):
+        ServedRun(run)  # uploads are texts or image files: say so, rather than decode an image into a vector's place

@@ -70,6 +70,7 @@ class Adapter:
         self.algorithm.eval()
         self.device = torch.device(device)
         self.text = is_text_spec(self.config.data.source)
+        self.arrays = is_array_spec(self.config.data.source)
         self._encoder = None
         self._scorer = self._fit()
         self.support_texts = list(support_texts) if support_texts is not None else None
@@ -151,8 +152,9 @@ class Adapter:
         return out
 
     def predict(self, inputs: Sequence[str] | Sequence[Path] | torch.Tensor) -> list[Prediction]:
-        """Texts (text runs); image files or an image tensor ``[B, C, H, W]`` (image runs) → predictions.
-        A single string or path is one input."""
+        """Texts (text runs); image files or an image tensor ``[B, C, H, W]`` (image runs); ``.npz``
+        files of rows ``x`` or a tensor ``[B, ...]`` (array runs) → predictions. A single string or
+        path is one input."""
         if isinstance(inputs, (str, Path)):
             inputs = [inputs]
         if len(inputs) == 0:
@@ -165,8 +167,30 @@ class Adapter:
                 raise DataError(f"Text {blank + 1} of {len(inputs)} is blank; pass texts with words to label.")
             return self.predict_inputs(self.embed(inputs), list(inputs))
         if not isinstance(inputs, torch.Tensor):
-            inputs = self.read_images(inputs)
+            inputs = self.read_arrays(inputs)[0] if self.arrays else self.read_images(inputs)
         return self.predict_inputs(torch.as_tensor(inputs))
+
+    def read_arrays(self, paths: Sequence[str | Path]) -> tuple[torch.Tensor, list[str]]:
+        """``.npz`` files with an array ``x [B, ...]`` each (an array run) → their rows stacked, and a
+        name per row (``file.npz[i]``)."""
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        shape, rows, names = list(self.support_x.shape[1:]), [], []
+        for path in map(Path, paths):
+            if path.suffix.lower() != ".npz" or not path.is_file():
+                raise DataError(f"Input '{path}' must be an existing .npz file with an array x for this array adapter.")
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    x = data["x"] if "x" in data else None
+            except (OSError, ValueError) as exc:
+                raise DataError(f"'{path}' cannot be read as an .npz archive ({exc.__class__.__name__}); save it with numpy.savez.") from None
+            if x is None:
+                raise DataError(f"'{path}' has no array 'x'; save the examples to label as x=[B, {', '.join(map(str, shape))}].")
+            if list(x.shape[1:]) != shape:
+                raise DataError(f"'{path}' has examples of shape {list(x.shape[1:])}; this adapter's are {shape}.")
+            rows.append(torch.as_tensor(x))
+            names += [f"{path.name}[{i}]" for i in range(len(x))]
+        return (torch.cat(rows) if rows else self.support_x[:0]), names
 
     def read_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Image files → ``uint8 [B, C, H, W]`` at the support images' size and channels, prepared as
@@ -184,7 +208,7 @@ class Adapter:
         path = Path(path)
         meta = {"format": "metalab-adapter/1", "run": str(self.run_dir.resolve()), "labels": self.labels,
                 "head": self.head, "threshold": self.threshold, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "modality": "text" if self.text else "image"}
+                "modality": "text" if self.text else "arrays" if self.arrays else "image"}
         if self._lexical is not None:
             meta.update(support_texts=self.support_texts, lexical_weight=self.lexical_weight)
         if self.ink_inverted is not None:
@@ -248,7 +272,8 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
                     names_as_examples: bool = False, lexical_weight: float = 0.0, finetune_epochs: int = 0,
                     finetune_lr: float = 1e-4, seed: int = 0, progress: bool = False) -> Adapter:
     """An adapter from a support file: a text ``.csv`` / ``.jsonl`` of ``text,label`` for text runs,
-    an image folder ``root/<label>/*.png`` for image runs.
+    an image folder ``root/<label>/*.png`` for image runs, an ``.npz`` of ``x`` and ``y`` for runs
+    trained on an ``.npz``.
 
     Text runs only: ``names_as_examples`` adds each label, underscores read as spaces, as one more
     example of itself (worth +1.3 points on CLINC150 at 5 shots, when labels are words);
@@ -286,9 +311,12 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         if tuned is None:
             adapter._encoder = encoder  # the model already loaded here: predict() need not load it again
         return adapter
+    arrays = is_array_spec(config.data.source)
     if names_as_examples or lexical_weight or finetune_epochs:
         raise ConfigError("--names-as-examples, --lexical-weight and --finetune-epochs apply to text runs only; "
-                          "this run is an image run.")
+                          f"this run is an {'array' if arrays else 'image'} run.")
+    if arrays:
+        return _adapt_from_arrays(run_dir, support, head, threshold, device)
     if not support.is_dir():
         raise DataError(f"Support '{support}' must be an image folder root/<label>/*.png for this image run.")
     from metalab.data.folders import load_image_folder
@@ -299,6 +327,28 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     _check_two_labels(support, source.class_names)
     return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm),
                    ink_inverted=source.meta.get("ink_inverted"))
+
+
+def is_array_spec(source: str) -> bool:
+    """Whether a run's ``data.source`` is an ``.npz`` file of arrays (its adapters read ``.npz`` too)."""
+    return str(source).lower().endswith(".npz")
+
+
+def _adapt_from_arrays(run_dir, support: Path, head: str, threshold: float | None, device: str) -> Adapter:
+    """An array run's adapter: the support is an ``.npz`` with ``x [M, ...]`` shaped like the run's
+    examples and labels ``y [M]`` (strings or integers; ``class_names`` optional), as for training."""
+    from metalab.data.folders import load_npz
+
+    if support.suffix.lower() != ".npz" or not support.is_file():
+        raise DataError(f"Support '{support}' must be an existing .npz file with arrays x and y for this array run.")
+    config, algorithm, info = load_trained(run_dir, device)
+    source = load_npz(support)
+    shape = list(info["example_shape"])
+    if list(source.x.shape[1:]) != shape:
+        raise DataError(f"Support '{support}' has examples of shape {list(source.x.shape[1:])}, but run '{run_dir}' was "
+                        f"trained on {shape}; give x as [M, {', '.join(map(str, shape))}].")
+    _check_two_labels(support, source.class_names)
+    return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm))
 
 
 def _check_two_labels(support: Path, labels: Sequence[str]) -> None:

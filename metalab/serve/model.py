@@ -27,7 +27,7 @@ from metalab.data.folders import image_array, ink_high
 from metalab.data.text import is_text_spec, label_name_texts
 from metalab.engine.adapter import Adapter, default_threshold, run_encoder
 from metalab.engine.trainer import load_trained
-from metalab.errors import InputError
+from metalab.errors import ConfigError, InputError
 from metalab.serve.registry import AdapterRecord, Example
 
 MAX_IMAGE_PIXELS = 4096 * 4096  #: larger uploads are refused before decoding (decompression bombs)
@@ -90,6 +90,10 @@ class ServedRun:
         self.device = device
         self.example_shape = tuple(info["example_shape"])
         self.modality = "text" if is_text_spec(self.config.data.source) else "image"
+        if self.modality == "image" and len(self.example_shape) != 3:
+            raise ConfigError(f"metalab serve takes text runs and image runs; run '{run_dir}' was trained on arrays "
+                              f"of shape {list(self.example_shape)}, not [channels, height, width] images: use "
+                              "`metalab adapt --support file.npz` and `metalab predict`, or the Python API.")
         self.key = str(self.run_dir)  #: adapters belong to one run: the registry scopes them by this
         self._encoder = run_encoder(self.config) if self.modality == "text" else None
         if self._encoder is not None:
