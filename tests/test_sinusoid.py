@@ -1,10 +1,12 @@
 import math
 
+import pytest
 import torch
 
 from metalab.data.sinusoid import SinusoidTasks
 from metalab.engine import MetaTrainer, RunConfig
 from metalab.engine.eval_run import evaluate_run
+from metalab.errors import ConfigError
 
 
 def test_sinusoid_tasks_follow_the_maml_paper_family():
@@ -53,6 +55,8 @@ def test_regression_defaults_follow_the_maml_paper_where_the_config_is_silent(tm
     given = RunConfig.from_dict({"data": {"source": "sinusoid"}, "train": {"shots": 5}, "eval": {"settings": [[1, 20]]}})
     assert given.train.shots == 5 and given.eval.settings == [[1, 20]]
     assert RunConfig.from_dict({"data": {"source": "omniglot"}}).train.shots == 1  # classification keeps its own
+    with pytest.raises(ConfigError, match="train.planner='hard' chooses classes and domains, which 'sinusoid'"):
+        RunConfig.from_dict({"data": {"source": "sinusoid"}, "train": {"planner": "hard"}})  # was silently ignored
     trainer = MetaTrainer(config, tmp_path / "run", show_progress=False, log=lambda m: None)
     assert trainer.algorithm.inner_lr == 0.01  # classification's 0.4 makes 10 test steps on an MSE blow up
     trainer.train()

@@ -174,6 +174,11 @@ class RunConfig:
 
         if t.planner not in PLANNERS:
             raise ConfigError(f"train.planner='{t.planner}' is unknown; use one of: {', '.join(PLANNERS)}.")
+        from metalab.data.catalog import is_task_family
+
+        if t.planner != "uniform" and is_task_family(d.source):
+            raise ConfigError(f"train.planner='{t.planner}' chooses classes and domains, which '{d.source}' tasks do not "
+                              "have (each is a fresh function); drop --planner.")
         if t.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule='{t.schedule}' is unknown; use 'cosine' or 'constant'.")
         if t.budget_clock not in ("wall", "cpu"):
