@@ -74,3 +74,7 @@ def test_a_diverging_inner_loop_is_named_and_shots_are_evaluated_once(tmp_path):
     record = evaluate_run(tmp_path / "run", show_progress=False)
     assert [r["shots"] for r in record["results"]] == [1, 5]
     assert "lower train.algo_options.inner_lr (now 0.4)" in record["diverged"]
+    from metalab.report.html import build_report
+
+    page = build_report(tmp_path / "run", show_progress=False).read_text()  # the report shows the table and the note
+    assert "query MSE ± 95 % CI" in page and "<td>5-shot</td>" in page and "adaptation diverged" in page

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from metalab.data.catalog import is_task_family
 from metalab.engine.run import RunFolder
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;color:#1d2330;max-width:1050px;margin:0 auto;padding:0 20px 40px;background:#fafbfc}
@@ -89,7 +90,8 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: Path) -> Path | None
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
-                ax.plot(*zip(*pts), label=name, marker="." if key == "val_acc" else None)
+                # validation comes every val_every steps (often one point in a short run): mark the points
+                ax.plot(*zip(*pts), label=name, marker="o" if len(pts) == 1 else "." if key.startswith("val_") else None)
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
     if len(runs) > 1:
@@ -190,7 +192,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, episodes: i
                     f"{time.strftime('%Y-%m-%d %H:%M')}; {len(metrics)} metrics records")
     curves = plot_learning_curves({run.path.name: metrics}, figures / "learning_curves.png")
     report.add("Learning curves", figure(curves, "learning curves") if curves else "<p class='muted'>No metrics recorded.</p>")
-    if config.rl.task is not None or config.data.source == "sinusoid":
+    if config.rl.task is not None or is_task_family(config.data.source):
         _evaluation_figures(report, run.path, eval_record, figures)
     else:
         _classification_sections(report, run.path, config, eval_record, figures, episodes, graph_k, out, show_progress)
@@ -207,6 +209,14 @@ def _evaluation_figures(report: Report, run_path: Path, record: dict | None, fig
         report.add("Evaluation", "<p class='muted'>Not evaluated yet: run <code>metalab eval RUN</code>.</p>")
         return
     body = []
+    regression = [r for r in record.get("results", []) if r.get("metric") == "mse"]
+    if regression:
+        rows = [[f"{r['shots']}-shot", "default" if r["steps"] is None else str(r["steps"]),
+                 f"{r['mean']:.4f} ± {r['ci95']:.4f}", str(r["episodes"])] for r in regression]
+        note = f"<p class='muted'>{esc(record.get('split_description', ''))}</p>"
+        if "diverged" in record:
+            note += f"<p><b>Note:</b> {esc(record['diverged'])}</p>"
+        body.append(table(["support points", "adaptation steps", "query MSE ± 95 % CI", "tasks"], rows) + note)
     if "rl" in record:
         steps = [r["adaptation_steps"] for r in next(iter(record["rl"].values()))]
         rows = [[esc(name)] + [f"{r['return']:.2f} ± {r['ci95']:.2f}" for r in curve] for name, curve in record["rl"].items()]
