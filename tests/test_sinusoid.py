@@ -78,3 +78,17 @@ def test_a_diverging_inner_loop_is_named_and_shots_are_evaluated_once(tmp_path):
 
     page = build_report(tmp_path / "run", show_progress=False).read_text()  # the report shows the table and the note
     assert "query MSE ± 95 % CI" in page and "<td>5-shot</td>" in page and "adaptation diverged" in page
+
+
+def test_compare_keeps_each_adaptation_step_and_names_an_unevaluated_run(tmp_path):
+    from metalab.report.html import build_comparison
+
+    config = regression_run(tmp_path, steps=5)
+    config.eval.adapt_steps = [1, 3]
+    MetaTrainer(config, tmp_path / "a", show_progress=False, log=lambda m: None).train()
+    evaluate_run(tmp_path / "a", show_progress=False)
+    MetaTrainer(regression_run(tmp_path, steps=4), tmp_path / "b", show_progress=False, log=lambda m: None).train()
+    page = build_comparison([tmp_path / "a", tmp_path / "b"], tmp_path / "compare").read_text()
+    for row in ("5-shot MSE, 1 step", "5-shot MSE, 3 steps", "10-shot MSE, 1 step", "10-shot MSE, 3 steps"):
+        assert f"<td>{row}</td><td>" in page and f"<td>{row}</td><td>-" not in page, row  # one row each, a value in it
+    assert "4 (not evaluated)" in page

@@ -155,10 +155,11 @@ def evaluate_regression(algorithm: Algorithm, family, steps: int, episodes: int 
     """Mean squared error on the query points after ``steps`` adaptation steps on each task's
     ``family.shots`` support points, over ``episodes`` tasks of ``family`` (a task family with the
     sampler interface, e.g. :class:`~metalab.data.sinusoid.SinusoidTasks`)."""
+    ran = steps if steps is not None else getattr(algorithm, "test_inner_steps", None)  # recorded: "default" hides it
     values = evaluate_sampler(algorithm, family, episodes, device, regression=True, steps=steps,
-                              description=f"eval {family.shots}-shot {steps} steps", show_progress=show_progress)
+                              description=f"eval {family.shots}-shot {ran} steps", show_progress=show_progress)
     mean, ci = mean_ci95(values)
-    return EvalResult(1, family.shots, family.queries, int(values.numel()), mean, ci, metric="mse", steps=steps)
+    return EvalResult(1, family.shots, family.queries, int(values.numel()), mean, ci, metric="mse", steps=ran)
 
 
 def divergence_note(algorithm: Algorithm, results: list[EvalResult]) -> str | None:

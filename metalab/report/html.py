@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from metalab.data.catalog import is_task_family
+from metalab.engine.checkpoint import list_checkpoints
 from metalab.engine.run import RunFolder
 
 CSS = """body{font:15px/1.45 system-ui,sans-serif;color:#1d2330;max-width:1050px;margin:0 auto;padding:0 20px 40px;background:#fafbfc}
@@ -317,6 +318,18 @@ def config_differences(configs: dict) -> list[str]:
     return out
 
 
+def _steps_word(steps: int) -> str:
+    return f"{steps} step{'s' if steps != 1 else ''}"
+
+
+def _trained_steps(run: RunFolder, record: dict | None) -> str:
+    """The step a run was evaluated at, or its newest checkpoint's when it has no eval.json yet."""
+    if record is not None:
+        return str(record.get("step", "-"))
+    found = list_checkpoints(run.path)
+    return f"{found[-1][0]} (not evaluated)" if found else "-"
+
+
 def build_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Several runs side by side: final evaluation table and overlaid learning curves."""
     out = Path(out)
@@ -332,7 +345,8 @@ def build_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     cells: dict[tuple[str, str], str] = {}
     for n, rec in records.items():
         for r in (rec or {}).get("results", []):
-            key = f"{r['ways']}-way {r['shots']}-shot" if r.get("metric", "accuracy") == "accuracy" else f"{r['shots']}-shot MSE"
+            key = (f"{r['ways']}-way {r['shots']}-shot" if r.get("metric", "accuracy") == "accuracy" else
+                   f"{r['shots']}-shot MSE, {'default steps' if r.get('steps') is None else _steps_word(r['steps'])}")
             settings += [key] if key not in settings else []
             value = f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}" if r.get("metric", "accuracy") == "accuracy" else f"{r['mean']:.4f} ± {r['ci95']:.4f}"
             cells[(n, key)] = value
@@ -344,7 +358,7 @@ def build_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
     configs = {n: r.config() for n, r in zip(names, runs)}
     rows = [["algorithm"] + [esc(configs[n].train.algo) for n in names],
             ["data"] + [esc(configs[n].rl.task or configs[n].data.source) for n in names],
-            ["steps"] + [str((records[n] or {}).get("step", "-")) for n in names]]
+            ["steps"] + [_trained_steps(r, records[n]) for n, r in zip(names, runs)]]
     rows += [[esc(s)] + [cells.get((n, s), "-") for n in names] for s in settings]
     notes = "<p class='muted'>Mean ± 95 % CI from each run's eval.json.</p>"
     if differences := config_differences(configs):
