@@ -112,7 +112,8 @@ def draw_graph(graph, path: Path, max_classes: int = 300, seed: int = 0) -> Path
     classes = [n for n, d in graph.nodes(data=True) if d["kind"] == "class"][:max_classes]
     sub = graph.subgraph(classes)
     domains = sorted({graph.nodes[n]["domain"] for n in classes})
-    cmap = plt.get_cmap("tab20")
+    # up to 10 domains: tab10's distinct hues (tab20 pairs each hue with its pale twin: neighbours look alike)
+    cmap = plt.get_cmap("tab10" if len(domains) <= 10 else "tab20")
     colours = [cmap(domains.index(graph.nodes[n]["domain"]) % 20) for n in classes]
     pos = nx.spring_layout(sub, seed=seed, weight="weight")
     fig, ax = plt.subplots(figsize=(8, 6.5))
