@@ -218,6 +218,10 @@ def eval_(
     if RunFolder.open(run).config().rl.task is not None:
         from metalab.rl.trainer import evaluate_rl_run
 
+        given = ["--setting"] * bool(settings) + ["--episodes"] * (episodes is not None) + ["--split"] * (split != "test")
+        if given:  # they would be silently ignored
+            raise ConfigError(f"{', '.join(given)} apply to few-shot runs; a meta-RL run is scored on rl.test_tasks "
+                              "fresh tasks after 0..rl.eval_steps adaptation steps (set in its config.yaml).")
         console.print(_returns_table(evaluate_rl_run(run)))
         return
 

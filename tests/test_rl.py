@@ -180,3 +180,17 @@ def test_ctrl_c_stops_rl_training_between_steps_and_checkpoints_that_step(tmp_pa
         signal.signal(signal.SIGINT, before)
     assert result.stopped_by == "interrupted" and 0 < result.steps < 100_000
     assert (tmp_path / "run" / f"checkpoint-{result.steps:07d}.safetensors").exists()
+
+
+def test_few_shot_options_on_a_meta_rl_run_are_refused_not_ignored(tmp_path):
+    from typer.testing import CliRunner
+
+    from metalab.cli import app
+    from metalab.engine.adapter import adapt_from_file
+    from metalab.errors import ConfigError
+
+    RLTrainer(rl_config(steps=2), tmp_path / "run", show_progress=False, log=lambda m: None).train()
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--setting", "5w1s", "--episodes", "5"])
+    assert result.exit_code != 0 and "--setting, --episodes apply to few-shot runs" in str(result.exception)
+    with pytest.raises(ConfigError, match="is a meta-RL run .* holds a policy, not a classifier"):
+        adapt_from_file(tmp_path / "run", tmp_path / "support.npz")  # not "must be an image folder"

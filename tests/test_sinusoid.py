@@ -63,6 +63,8 @@ def test_regression_defaults_follow_the_maml_paper_where_the_config_is_silent(tm
     record = evaluate_run(tmp_path / "run", show_progress=False)
     assert [r["shots"] for r in record["results"]] == [5, 10]
     assert all(math.isfinite(r["mean"]) for r in record["results"]) and "diverged" not in record
+    val = evaluate_run(tmp_path / "run", show_progress=False, split="val")  # validation's tasks, not test's again
+    assert "seed 2025" in val["split_description"] and val["results"][0]["mean"] != record["results"][0]["mean"]
 
 
 def test_a_diverging_inner_loop_is_named_and_shots_are_evaluated_once(tmp_path):

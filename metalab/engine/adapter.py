@@ -31,7 +31,7 @@ from metalab.data.cache import load_tensors, save_tensors_atomic
 from metalab.data.catalog import text_options
 from metalab.data.text import is_text_spec, label_name_texts, load_text_table
 from metalab.engine.text_eval import confidence
-from metalab.engine.trainer import load_trained
+from metalab.engine.trainer import load_trained, refuse_rl_run
 from metalab.errors import CheckpointError, ConfigError, DataError
 
 HEAD_CHOICES = ("algorithm", *HEADS)
@@ -286,6 +286,7 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     from metalab.engine.run import RunFolder
 
     config = RunFolder.open(run_dir).config()
+    refuse_rl_run(Path(run_dir), config)
     support = Path(support)
     if is_text_spec(config.data.source):
         from metalab.models.text_encoder import encode_texts

@@ -28,8 +28,9 @@ def run_splits(config, show_progress: bool = False, example_shape=None):
 def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: int | None = None,
                  device: str = "cpu", show_progress: bool = True, split: str = "test") -> dict:
     """Score the run's latest good checkpoint on ``split`` for each ``[ways, shots]`` setting
-    (regression: each shots × ``eval.adapt_steps``); writes (and returns) ``eval.json`` with
-    mean ± 95 % CI per setting."""
+    (regression: each shots × ``eval.adapt_steps``, on fresh tasks of seed ``eval.seed``, or for
+    ``split="val"`` of validation's ``eval.seed + 1``); returns the record and, for the test split,
+    writes it to ``eval.json``: mean ± 95 % CI per setting."""
     config, algorithm, info = load_trained(run_dir, device)
     d, e = config.data, config.eval
     episodes = e.episodes if episodes is None else episodes
@@ -37,10 +38,13 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
         raise ConfigError(f"episodes={episodes!r} is invalid; evaluate on a positive number of episodes (600 is the field's norm).")
     results: list[EvalResult] = []
     record = {"run": str(run_dir), "step": info["step"], "algo": config.train.algo, "split": split}
+    if split not in ("test", "val"):
+        raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")
     if is_task_family(d.source):
-        record["split_description"] = f"fresh '{d.source}' tasks drawn with seed {e.seed} (training used seed {config.train.seed})"
+        seed = e.seed if split == "test" else e.seed + 1  # validation's tasks, as the trainer draws them
+        record["split_description"] = f"fresh '{d.source}' tasks drawn with seed {seed} (training used seed {config.train.seed})"
         for shots in dict.fromkeys(shots for _, shots in settings or e.settings):  # ways mean nothing here
-            family = load_task_family(d.source, shots=shots, queries=e.queries, tasks=e.tasks_per_batch, seed=e.seed)
+            family = load_task_family(d.source, shots=shots, queries=e.queries, tasks=e.tasks_per_batch, seed=seed)
             for steps in e.adapt_steps or [None]:
                 results.append(evaluate_regression(algorithm, family, steps, episodes, device, show_progress))
         if note := divergence_note(algorithm, results):
@@ -54,9 +58,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
             record["figures"] = [plot.name]
     else:
         splits = run_splits(config, show_progress, info["example_shape"])
-        source = {"test": splits.test, "val": splits.val}.get(split)
-        if source is None:
-            raise DataError(f"split='{split}' is unknown; use 'test' or 'val'.")
+        source = {"test": splits.test, "val": splits.val}[split]
         record["split_description"] = splits.description
         unfit = unfit_settings(source, settings or e.settings, e.queries, split)
         if settings and unfit:  # asked for by name: all of them, or an error

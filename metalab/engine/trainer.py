@@ -394,13 +394,18 @@ def _max(value) -> int:
     return max(value) if isinstance(value, (list, tuple)) else value
 
 
+def refuse_rl_run(path: Path, config: RunConfig) -> None:
+    """One sentence for a command that needs a few-shot learner but was given a meta-RL run."""
+    if config.rl.task is not None:
+        raise ConfigError(f"'{path}' is a meta-RL run (rl.task={config.rl.task}): it holds a policy, not a "
+                          "classifier; use `metalab eval` or `metalab report` on it.")
+
+
 def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | None = None) -> tuple[RunConfig, Algorithm, dict]:
     """``(config, algorithm with trained weights, checkpoint info)`` of a run folder."""
     run = RunFolder.open(run_dir)
     config = run.config()
-    if config.rl.task is not None:
-        raise ConfigError(f"'{run.path}' is a meta-RL run (rl.task={config.rl.task}): it holds a policy, not a "
-                          "classifier; use `metalab eval` or `metalab report` on it.")
+    refuse_rl_run(run.path, config)
     if checkpoint is not None:
         model_state, _, info = load_checkpoint(Path(checkpoint))
     else:
