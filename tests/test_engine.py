@@ -193,3 +193,17 @@ def test_stop_request_turns_a_first_ctrl_c_into_a_request_and_a_second_into_an_i
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    import time
+
+    from metalab.engine.run import default_run_dir
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261130-120000")  # one second for all of them
+    first = default_run_dir("proto", tmp_path)
+    first.mkdir()
+    second = default_run_dir("proto", tmp_path)
+    second.mkdir()
+    assert (first.name, second.name, default_run_dir("proto", tmp_path).name) == (
+        "proto-20261130-120000", "proto-20261130-120000-2", "proto-20261130-120000-3")

@@ -97,7 +97,14 @@ class RunFolder:
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
-    return Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<name>-<YYYYmmdd-HHMMSS>``, or with ``-2``, ``-3``, … when that folder is taken (runs
+    launched side by side in the same second must not find each other's folder)."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _yaml(config: RunConfig) -> str:
