@@ -23,6 +23,11 @@ TASK_FAMILIES = {
 }
 
 
+def is_array_spec(spec: str) -> bool:
+    """Whether ``spec`` names an ``.npz`` file of arrays ``x``, ``y`` (its runs' adapters read ``.npz`` too)."""
+    return str(spec).lower().endswith(".npz")
+
+
 def is_task_family(spec: str) -> bool:
     """Whether ``spec`` names a generated task family (regression) rather than a labelled source."""
     return spec in TASK_FAMILIES
@@ -65,7 +70,7 @@ def load_source(spec: str, image_size: int = 28, text: dict | None = None, chann
     if is_text_spec(spec):
         return load_text_source(spec, **(text or {}))
     path = Path(spec)
-    if path.suffix == ".npz":
+    if is_array_spec(spec):
         if not path.exists():
             raise DataError(f"Data file '{path}' does not exist; pass an existing .npz or folder, or a bundled name ({', '.join(BUNDLED)}).")
         return load_npz(path)

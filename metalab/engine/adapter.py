@@ -28,7 +28,7 @@ import torch
 
 from metalab.algorithms.frozen_heads import HEADS, fit_head
 from metalab.data.cache import load_tensors, save_tensors_atomic
-from metalab.data.catalog import text_options
+from metalab.data.catalog import is_array_spec, text_options
 from metalab.data.text import is_text_spec, label_name_texts, load_text_table
 from metalab.engine.text_eval import confidence
 from metalab.engine.trainer import load_trained, refuse_rl_run
@@ -328,11 +328,6 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     _check_two_labels(support, source.class_names)
     return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm),
                    ink_inverted=source.meta.get("ink_inverted"))
-
-
-def is_array_spec(source: str) -> bool:
-    """Whether a run's ``data.source`` is an ``.npz`` file of arrays (its adapters read ``.npz`` too)."""
-    return str(source).lower().endswith(".npz")
 
 
 def _adapt_from_arrays(run_dir, support: Path, head: str, threshold: float | None, device: str) -> Adapter:
