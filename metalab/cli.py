@@ -83,6 +83,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Meta-train an algorithm; the run folder holds config, metrics and checkpoints."""
+    from metalab.data.catalog import is_task_family
     from metalab.engine import MetaTrainer, RunConfig, RunFolder
     from metalab.engine.eval_run import evaluate_run
     from metalab.engine.run import default_run_dir
@@ -123,8 +124,10 @@ def train(
             overrides[key.strip()] = _parse_value(value)
         for key, value in overrides.items():
             _assign(raw, key, value)
-        raw.setdefault("name", raw.get("train", {}).get("algo", "protonet"))
+        raw.setdefault("name", (raw.get("train") or {}).get("algo", "protonet"))  # ('train:' may be empty)
         cfg = RunConfig.from_dict(raw, origin=str(config) if config else "command line")
+        if ways is not None and is_task_family(cfg.data.source):
+            raise ConfigError(f"--ways means nothing for '{cfg.data.source}' tasks (one function to fit, not classes); drop it.")
         run_dir = out or default_run_dir(cfg.name)
     if cfg.rl.task is not None:
         _train_rl(cfg, run_dir, resume is not None, progress, evaluate_after)

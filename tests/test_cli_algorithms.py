@@ -120,3 +120,13 @@ def test_array_runs_adapt_and_predict_from_npz_files(clusters_npz, tmp_path):
 
     with pytest.raises(ConfigError, match=r"takes text runs and image runs; .* arrays of shape \[32\]"):
         ServedRun(run)  # uploads are texts or image files: say so, rather than decode an image into a vector's place
+
+
+def test_sinusoid_flags_that_mean_nothing_and_an_empty_train_section_get_one_sentence(tmp_path):
+    (tmp_path / "empty.yaml").write_text("train:\neval:\n  episodes: 5\n")  # no flag fills 'train:'
+    for args, says in ((["--config", str(tmp_path / "empty.yaml")], "Algorithm 'protonet' does not do regression"),
+                       (["--algo", "maml", "--ways", "20"], "--ways means nothing for 'sinusoid' tasks")):
+        result = runner.invoke(app, ["train", "--data", "sinusoid", *args, "--steps", "2", "--out", str(tmp_path / "r"),
+                                     "--no-progress"])
+        assert result.exit_code != 0 and says in str(result.exception), (args, repr(result.exception))
+    assert not (tmp_path / "r").exists()
