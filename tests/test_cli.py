@@ -115,21 +115,6 @@ def test_demo_the_readme_runs(tmp_path):
     assert "5-way 1-shot" in out.stdout and "never trained" in out.stdout
 
 
-def test_a_config_file_with_an_empty_section_takes_flags_and_the_data_s_defaults(tmp_path):
-    config = tmp_path / "sine.yaml"
-    config.write_text("train:\neval:\n  episodes: 20\n")  # 'train:' left empty; the data comes by flag
-    run = tmp_path / "run"
-    out = metalab("train", "--config", str(config), "--data", "sinusoid", "--algo", "maml", "--steps", "5",
-                  "--set", "train.val_episodes=10",
-                  "--out", str(run), "--no-progress")
-    assert out.returncode == 0, out.stderr
-    import yaml
-
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["train"]["algo"] == "maml" and saved["train"]["shots"] == 10  # regression's default, not 1
-    assert saved["eval"]["settings"] == [[1, 5], [1, 10]] and "10-shot" in out.stdout and "nan" not in out.stdout
-
-
 def test_ctrl_c_stops_training_between_steps_and_keeps_a_checkpoint(tmp_path):
     import signal
     import time
@@ -152,5 +137,6 @@ def test_ctrl_c_stops_training_between_steps_and_keeps_a_checkpoint(tmp_path):
     step = int(out.split("interrupted at step ")[1].split()[0])
     assert step >= 10 and (run / f"checkpoint-{step:07d}.safetensors").exists()  # no periodic one was due
     assert f"metalab train --resume {run}" in " ".join(out.split())  # (rich wraps long lines)
-    out = metalab("eval", str(run), "--episodes", "5", "--setting", "5w1s", "--no-progress")
-    assert out.returncode == 0 and f"step {step}" in out.stdout, out.stdout + out.stderr
+    from metalab.engine.checkpoint import latest_good_checkpoint
+
+    assert latest_good_checkpoint(run)[0] == step  # whole: it verifies, and resume would start there

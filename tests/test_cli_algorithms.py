@@ -130,3 +130,16 @@ def test_sinusoid_flags_that_mean_nothing_and_an_empty_train_section_get_one_sen
                                      "--no-progress"])
         assert result.exit_code != 0 and says in str(result.exception), (args, repr(result.exception))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_config_file_with_an_empty_section_takes_flags_and_the_data_s_defaults(tmp_path):
+    import yaml
+
+    (tmp_path / "sine.yaml").write_text("train:\neval:\n  episodes: 20\n")  # 'train:' left empty; the data comes by flag
+    result = runner.invoke(app, ["train", "--config", str(tmp_path / "sine.yaml"), "--data", "sinusoid", "--algo", "maml",
+                                 "--steps", "2", "--set", "train.val_episodes=5", "--no-eval", "--out", str(tmp_path / "run"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["algo"] == "maml" and saved["train"]["shots"] == 10  # regression's default, not omniglot's 1
+    assert saved["eval"]["settings"] == [[1, 5], [1, 10]] and saved["eval"]["episodes"] == 20
