@@ -433,7 +433,7 @@ def graph(
 
 @app.command()
 def serve(
-    run: Path = typer.Option(..., "--run", help="Trained run folder (image or text) to serve."),
+    run: Path = typer.Option(..., "--run", help="Trained run folder (text, image or .npz arrays) to serve."),
     db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite, ~/.metalab/…)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="Port (0: any free port, printed at start)."),

@@ -115,11 +115,14 @@ def test_array_runs_adapt_and_predict_from_npz_files(clusters_npz, tmp_path):
                            "has examples of shape [5]; this adapter's are [32]")):
         result = runner.invoke(app, command)  # (main() prints such errors; in-process, the exception carries them)
         assert result.exit_code != 0 and says in str(result.exception), (command, result.exception)
-    from metalab.errors import ConfigError
-    from metalab.serve.model import ServedRun
-
-    with pytest.raises(ConfigError, match=r"takes text runs and image runs; .* arrays of shape \[32\]"):
-        ServedRun(run)  # uploads are texts or image files: say so, rather than decode an image into a vector's place
+    # uint8 arrays are scaled from 0-255 to 0-1 and floats are not: mixing them would silently mis-scale every input
+    np.savez(tmp_path / "bytes.npz", x=np.zeros((2, 32), np.uint8), y=np.array(["a", "b"]))
+    for command, says in ((["adapt", "--run", str(run), "--support", str(tmp_path / "bytes.npz"), "--out", str(tmp_path / "b.safetensors")],
+                           "holds uint8 arrays but run"),
+                          (["predict", "--adapter", str(tmp_path / "a.safetensors"), str(tmp_path / "bytes.npz")],
+                           "holds uint8 arrays but this adapter's support had float32 ones")):
+        result = runner.invoke(app, command)
+        assert result.exit_code != 0 and says in str(result.exception), (command, result.exception)
 
 
 def test_sinusoid_flags_that_mean_nothing_and_an_empty_train_section_get_one_sentence(tmp_path):

@@ -418,6 +418,59 @@ def png(array: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+@pytest.fixture(scope="module")
+def bytes_run(tmp_path_factory):
+    """A run trained on an .npz of uint8 arrays [2, 3] (the weights barely matter)."""
+    root = tmp_path_factory.mktemp("serve-array")
+    x = np.random.default_rng(0).integers(0, 256, size=(72, 2, 3)).astype(np.uint8)
+    np.savez(root / "bytes.npz", x=x, y=np.repeat(np.arange(6), 12))
+    cfg = RunConfig.from_dict({"data": {"source": str(root / "bytes.npz")},
+                               "train": {"algo": "protonet", "backbone": "mlp", "ways": 2, "shots": 1, "queries": 2,
+                                         "steps": 2, "val_every": 100, "device": "cpu"}})
+    MetaTrainer(cfg, root / "run", show_progress=False, log=lambda m: None).train()
+    return root / "run"
+
+
+def test_array_run_takes_numbers_as_its_npz_held_them(bytes_run, tmp_path):
+    """A run trained on an .npz is served with arrays of numbers (flat, row-major); a uint8 run takes
+    whole numbers 0-255, which the model scales as it did in training."""
+    db = tmp_path / "r.sqlite"
+    key = Registry(db).create_key("alice")
+    low, high = [[10, 20, 30, 40, 50, 60], [11, 19, 31, 42, 49, 61]], [[250, 240, 230, 220, 210, 200], [251, 239, 231, 219, 211, 201]]
+    support = [{"label": "low", "array": v} for v in low] + [{"label": "high", "array": v} for v in high]
+    with BackgroundServer(create_app(bytes_run, db, rate_limit=0)) as server, client(server, key) as c:
+        health = c.get("/healthz").json()
+        assert health["modality"] == "array" and health["input_shape"] == [2, 3]
+        ad = c.post("/v1/adapters", json={"name": "bytes", "examples": support, "head": "prototypes"})
+        assert ad.status_code == 201, ad.text
+        ad_id = ad.json()["id"]
+        got = c.post(f"/v1/adapters/{ad_id}/predict", json={"arrays": [[248, 238, 229, 221, 212, 199], [12, 21, 29, 41, 52, 58]]})
+        assert got.status_code == 200, got.text
+        got = got.json()["predictions"]
+        assert [p["label"] for p in got] == ["high", "low"]
+        for body, field, says in (
+                ({"arrays": [[1, 2, 3]]}, "arrays.0", "has 3 numbers; this run takes 6 (an input of shape [2, 3]"),
+                ({"arrays": [[1, 2, 3, 4, 5, 6], [0.5, 2, 3, 4, 5, 6]]}, "arrays.1", "trained on uint8 arrays"),
+                ({"arrays": [[1, 2, 3, 4, 5, 300]]}, "arrays.0", "whole ones from 0 to 255"),
+                ({"texts": ["a"]}, "arrays", "takes array inputs; send them as 'arrays'")):
+            bad = c.post(f"/v1/adapters/{ad_id}/predict", json=body)
+            assert bad.status_code == 422 and bad.json()["error"]["field"] == field and says in bad.json()["error"]["message"], bad.text
+        bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:3] + [{"label": "high", "array": [1, 2]}]})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "examples.3.array", bad.text
+        bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:3] + [{"label": "high", "text": "hi"}]})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "examples.3.array", bad.text
+        more = c.post(f"/v1/adapters/{ad_id}/examples", json={"examples": [{"label": "mid", "array": [128] * 6}]})
+        assert more.status_code == 200 and more.json()["labels"] == ["low", "high", "mid"], more.text
+        assert c.post(f"/v1/adapters/{ad_id}/predict", json={"arrays": [[127] * 6]}).json()["predictions"][0]["label"] == "mid"
+        models = c.get("/openapi.json").json()["components"]["schemas"]
+        assert set(models["ExampleIn"]["properties"]) == {"label", "array"} and "arrays" in models["PredictIn"]["required"]
+    assert rows(db, "adapters") == 1 and rows(db, "examples") == 5
+    # the library on the same numbers as uint8 tensors gives the service's scores
+    want = Adapter(bytes_run, torch.tensor(low + high, dtype=torch.uint8).reshape(4, 2, 3), torch.tensor([0, 0, 1, 1]),
+                   ["low", "high"], head="prototypes").predict(torch.tensor([[248, 238, 229, 221, 212, 199]], dtype=torch.uint8).reshape(1, 2, 3))
+    assert want[0].label == "high" and abs(want[0].scores["high"] - got[0]["scores"]["high"]) < 1e-4
+
+
 def test_image_run_adapters(tmp_path, omniglot):
     cfg = RunConfig.from_dict({"train": {"algo": "maml", "ways": 3, "shots": 1, "queries": 2, "steps": 2, "val_every": 100,
                                          "val_episodes": 4, "device": "cpu"}})  # the run only has to exist

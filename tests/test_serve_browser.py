@@ -12,7 +12,7 @@ from PIL import Image
 from metalab.serve.app import create_app
 from metalab.serve.registry import Registry
 from metalab.serve.server import BackgroundServer
-from test_serve import served_text, text_run  # noqa: F401 - module fixtures reused
+from test_serve import bytes_run, served_text, text_run  # noqa: F401 - module fixtures reused
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # flags that work on these machines (closed network, root, no GPU): see the README's Development section
@@ -30,6 +30,23 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)  # a fresh temporary profile
 
 
+def connected_page(playwright, server, key: str, height: int):
+    """(browser, page): the service's page, connected with ``key``."""
+    browser = launch(playwright)
+    page = browser.new_page(viewport={"width": 1100, "height": height})
+    page.goto(server.url + "/")
+    page.fill("#key", key)
+    page.click("#connect")
+    page.wait_for_selector("#status.ok", timeout=15000)
+    return browser, page
+
+
+def press(page, button: str, then: str) -> None:
+    """Click ``button`` and wait for ``then`` to appear."""
+    page.click(button)
+    page.wait_for_selector(then, timeout=15000)
+
+
 def non_blank(png: bytes) -> tuple[float, int]:
     """(pixel standard deviation, number of distinct colours) of a screenshot."""
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -44,12 +61,7 @@ def test_web_page_creates_an_adapter_and_predicts(served_text, tmp_path):  # noq
     key = Registry(db).create_key("alice")
     with BackgroundServer(create_app(served_text.run_dir, db, rate_limit=0, served=served_text)) as server, \
             sync_playwright() as p:
-        browser = launch(p)
-        page = browser.new_page(viewport={"width": 1100, "height": 1300})
-        page.goto(server.url + "/")
-        page.fill("#key", key)
-        page.click("#connect")
-        page.wait_for_selector("#status.ok", timeout=15000)
+        browser, page = connected_page(p, server, key, height=1300)
         assert "text inputs" in page.inner_text("#served")
         page.fill("#name", "bank")
         page.fill("#examples", "balance: what is my balance\nbalance: how much money do i have\n"
@@ -92,3 +104,27 @@ def test_web_page_creates_an_adapter_and_predicts(served_text, tmp_path):  # noq
         browser.close()
     made = Registry(db).list_adapters(Registry(db).tenant_for_key(key), served_text.key)
     assert [(a.name, a.names_as_examples, a.lexical_weight) for a in made] == [("bank", False, 0.0), ("bank+", True, 0.3)]
+
+
+@needs_browser
+def test_web_page_takes_arrays_for_an_array_run(bytes_run, tmp_path):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    db = tmp_path / "registry.sqlite"
+    key = Registry(db).create_key("alice")
+    with BackgroundServer(create_app(bytes_run, db, rate_limit=0)) as server, sync_playwright() as p:
+        browser, page = connected_page(p, server, key, height=1100)
+        assert "array inputs of shape [2, 3]" in page.inner_text("#served")
+        assert page.is_visible("#array-examples") and not page.is_visible("#examples") and not page.is_visible("#names-as-examples")
+        page.fill("#array-examples", "low: 10, 20, 30, 40, 50, 60\nlow: 11 19 31 42 49 61\nhigh: 250, 240, 230, 220, 210, 200")
+        page.select_option("#head", "prototypes")
+        press(page, "#create", "#created.ok")
+        assert "2 labels from 3 examples" in page.inner_text("#created")
+        page.fill("#predict-arrays", "248, 238, 229, 221, 212, 199\n12, 21, 29, 41, 52, 58")
+        press(page, "#predict", "#results .result")
+        assert page.locator("#results .label").all_inner_texts() == ["high", "low"]
+        page.fill("#predict-arrays", "1, 2, x, 4, 5, 6")  # refused in the page, before any request
+        press(page, "#predict", "#predict-error:has-text('is not a number')")
+        page.fill("#predict-arrays", "1, 2, 3")  # the server's message, naming the field
+        press(page, "#predict", "#predict-error:has-text('this run takes 6')")
+        browser.close()

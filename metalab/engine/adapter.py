@@ -188,6 +188,7 @@ class Adapter:
                 raise DataError(f"'{path}' has no array 'x'; save the examples to label as x=[B, {', '.join(map(str, shape))}].")
             if list(x.shape[1:]) != shape:
                 raise DataError(f"'{path}' has examples of shape {list(x.shape[1:])}; this adapter's are {shape}.")
+            check_array_dtype(f"'{path}'", x.dtype, str(self.support_x.dtype).removeprefix("torch."), "this adapter's support")
             rows.append(torch.as_tensor(x))
             names += [f"{path.name}[{i}]" for i in range(len(x))]
         return (torch.cat(rows) if rows else self.support_x[:0]), names
@@ -343,8 +344,36 @@ def _adapt_from_arrays(run_dir, support: Path, head: str, threshold: float | Non
     if list(source.x.shape[1:]) != shape:
         raise DataError(f"Support '{support}' has examples of shape {list(source.x.shape[1:])}, but run '{run_dir}' was "
                         f"trained on {shape}; give x as [M, {', '.join(map(str, shape))}].")
+    check_array_dtype(f"Support '{support}'", source.x.dtype, run_example_dtype(config, info), f"run '{run_dir}'")
     _check_two_labels(support, source.class_names)
     return Adapter(run_dir, source.x, source.y, source.class_names, head, threshold, device, loaded=(config, algorithm))
+
+
+def run_example_dtype(config, info: dict) -> str | None:
+    """The dtype of the examples a run was trained on (``uint8``, ``float32``, …), from its checkpoint
+    info, or for an older array run from its ``.npz`` if that is still there; ``None`` if unknown."""
+    if "example_dtype" in info:
+        return info["example_dtype"]
+    path = Path(config.data.source)
+    if not (is_array_spec(config.data.source) and path.is_file()):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["x"].dtype)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_array_dtype(what: str, given, trained: str | None, whose: str) -> None:
+    """Arrays go into a model as training's did: ``uint8`` scaled from 0-255 to 0-1, any other type as
+    it is. Refuses ``given`` (a numpy or torch dtype) when it would be scaled differently from
+    ``trained`` (``None``: unknown, no check)."""
+    given = str(given).removeprefix("torch.")
+    if trained is None or (given == "uint8") == (trained == "uint8"):
+        return
+    scaled = "uint8 values are scaled from 0-255 to 0-1, other types go in as they are"
+    raise DataError(f"{what} holds {given} arrays but {whose} had {trained} ones ({scaled}); "
+                    f"save x as {'uint8' if trained == 'uint8' else trained} like the training data.")
 
 
 def _check_two_labels(support: Path, labels: Sequence[str]) -> None:

@@ -190,6 +190,7 @@ class MetaTrainer:
             self.splits = None
             self.sampler = load_task_family(d.source, shots=_max(t.shots), queries=t.queries, tasks=t.meta_batch, seed=t.seed)
             self.context, example_shape = {"task": "regression", "outputs": 1}, (1,)
+            self.example_dtype = "float32"
         else:
             self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
                                                      {**text_options(d), "progress": self.show_progress}, d.test_domains,
@@ -204,6 +205,7 @@ class MetaTrainer:
             self.context = {"task": "classification", "num_classes": train.num_classes,
                             "class_domains": train.class_domains.tolist()}
             example_shape = tuple(train.x.shape[1:])
+            self.example_dtype = str(train.x.dtype).removeprefix("torch.")  # uint8 inputs are scaled to 0-1
             if check_eval:
                 check_eval_fits(config, self.splits.test, self.log)
         self.example_shape = list(example_shape)
@@ -251,7 +253,7 @@ class MetaTrainer:
         if not self.dist.is_main:  # the weights are the same on every rank; rank 0 writes them
             return path
         info = {"step": step, "elapsed": elapsed, "algo": self.config.train.algo,
-                "example_shape": self.example_shape, "context": self.context}
+                "example_shape": self.example_shape, "example_dtype": self.example_dtype, "context": self.context}
         state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()},
                  **(self.planner.state_dict() if self.planner is not None and self.planner.strategy != "uniform" else {})}
         save_checkpoint(path, state, self.optimizer.state_dict(), info)

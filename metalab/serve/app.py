@@ -27,6 +27,7 @@ from metalab.serve.registry import Example, Registry, Tenant
 
 log = logging.getLogger("metalab.serve")
 PAGE = Path(__file__).with_name("page.html")
+MODALITIES = ("text", "image", "array")  #: kinds of run; an example carries the field of its kind (requests: plural)
 ERROR_RESPONSES = {code: {"model": schemas.ErrorOut} for code in (401, 404, 409, 413, 422, 429)}
 #: OpenAPI links: the id a create returns feeds the other operations (clients and fuzzers follow them)
 CREATED_LINKS = {201: {"description": "The adapter, stored.", "links": {
@@ -229,14 +230,18 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
     def predict(adapter_id: str, body: schemas.PredictIn, who: Tenant = Depends(tenant)) -> dict:
         """Labels, scores and (text) the out-of-scope flag for a batch of inputs."""
         record = owned(adapter_id, who)
-        wanted, other = ("texts", "images") if served.modality == "text" else ("images", "texts")
-        if getattr(body, other) is not None or getattr(body, wanted) is None:
-            raise InputError(wanted, f"This adapter's run takes {served.modality} inputs; send them as '{wanted}' (and no '{other}').")
+        wanted = served.modality + "s"
+        others = [f + "s" for f in MODALITIES if f != served.modality]
+        if any(getattr(body, o) is not None for o in others) or getattr(body, wanted) is None:
+            raise InputError(wanted, f"This adapter's run takes {served.modality} inputs; send them as '{wanted}' "
+                                     f"(and no {' or '.join(repr(o) for o in others)}).")
         if served.modality == "text":
             blank = next((i for i, t in enumerate(body.texts) if not t.strip()), None)
             if blank is not None:
                 raise InputError(f"texts.{blank}", f"Field 'texts.{blank}' is blank; send non-empty texts.")
             x = served.features(texts=body.texts)
+        elif served.modality == "array":
+            x = served.features(arrays=body.arrays)
         else:
             x = served.features(images=served.decode_images(body.images))
         adapter = served.adapter(record, registry.examples)
@@ -259,17 +264,20 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
 
 def narrow_spec_to_modality(spec: dict, modality: str) -> dict:
     """The generated OpenAPI ``spec``, changed in place to what this server accepts: a text run's
-    examples and inputs are texts (required, not blank) with no image fields; an image run's are
-    images, without the text-only options and text request examples. The pydantic models stay
-    modality-neutral (one library, two kinds of run); the checks in the routes are the same rules."""
-    wanted, other = ("text", "image") if modality == "text" else ("image", "text")
+    examples and inputs are texts (required, not blank), an image run's images, an array run's
+    arrays of numbers, each without the other kinds' fields; the text-only options and text request
+    examples only on a text run. The pydantic models stay modality-neutral (one library, three kinds
+    of run); the checks in the routes are the same rules."""
+    wanted = modality
     models = spec["components"]["schemas"]
-    for name, keep, drop in (("ExampleIn", wanted, other), ("PredictIn", f"{wanted}s", f"{other}s")):
+    for name, suffix in (("ExampleIn", ""), ("PredictIn", "s")):
         model = models[name]
-        model["properties"].pop(drop)
-        field = model["properties"][keep]
+        for other in MODALITIES:
+            if other != wanted:
+                model["properties"].pop(other + suffix)
+        field = model["properties"][wanted + suffix]
         field.update(next(branch for branch in field.pop("anyOf") if branch.get("type") != "null"))
-        model["required"] = [*model.get("required", []), keep]
+        model["required"] = [*model.get("required", []), wanted + suffix]
     example = models["ExampleIn"]["properties"]
     example["label"]["pattern"] = r"\S"  # check_examples refuses blank labels (and blank texts)
     if modality == "text":
@@ -284,11 +292,12 @@ def narrow_spec_to_modality(spec: dict, modality: str) -> dict:
 
 def check_examples(examples: list[schemas.ExampleIn], modality: str) -> list[schemas.ExampleIn]:
     """Each example has exactly the input its run takes, non-blank."""
-    wanted, other = ("text", "image") if modality == "text" else ("image", "text")
+    wanted = modality
+    others = [f for f in MODALITIES if f != wanted]
     for i, e in enumerate(examples):
-        if getattr(e, other) is not None or getattr(e, wanted) is None:
+        if any(getattr(e, o) is not None for o in others) or getattr(e, wanted) is None:
             raise InputError(f"examples.{i}.{wanted}", f"Field 'examples.{i}.{wanted}' is required (this run takes {modality}; "
-                                                     f"leave '{other}' out).")
+                                                     f"leave {' and '.join(repr(o) for o in others)} out).")
         if modality == "text" and not e.text.strip():
             raise InputError(f"examples.{i}.text", f"Field 'examples.{i}.text' is blank; send a non-empty text.")
         if not e.label.strip():
@@ -318,5 +327,8 @@ def check_labels(declared: list[str] | None, examples: list[schemas.ExampleIn]) 
 def decode(examples: list[schemas.ExampleIn], served: ServedRun) -> list[Example]:
     if served.modality == "text":
         return [Example(e.label, text=e.text) for e in examples]
+    if served.modality == "array":  # the numbers are the run's input: they go straight into features
+        x = served.features(arrays=[e.array for e in examples], field="examples.{}.array")
+        return [Example(e.label, features=row.numpy().tobytes()) for e, row in zip(examples, x)]
     images = served.decode_images([e.image for e in examples], "examples.{}.image")
     return [Example(e.label, image=b) for e, b in zip(examples, images)]

@@ -1,8 +1,9 @@
 """The served run: one meta-trained model in memory, turning examples into adapters and inputs into
 the run's features.
 
-Features are what the run sees: sentence embeddings (text runs, from the run's own encoder) or
-``uint8 [C, H, W]`` images (image runs, decoded and resized as the training images were). They are
+Features are what the run sees: sentence embeddings (text runs, from the run's own encoder),
+``uint8 [C, H, W]`` images (image runs, decoded and resized as the training images were) or the
+numbers sent (array runs: uint8 or float32, as the run's ``.npz`` held them). They are
 stored with each example in the registry, so an adapter is re-fitted after a restart from exactly
 the same tensors and predicts identically. Fitted adapters are kept in a small LRU keyed by
 ``(id, version)``; a changed adapter (new examples) gets a new version and is re-fitted.
@@ -25,9 +26,10 @@ from PIL import Image, UnidentifiedImageError
 
 from metalab.data.folders import image_array, ink_high
 from metalab.data.text import is_text_spec, label_name_texts
-from metalab.engine.adapter import Adapter, default_threshold, run_encoder
+from metalab.data.catalog import is_array_spec
+from metalab.engine.adapter import Adapter, default_threshold, run_encoder, run_example_dtype
 from metalab.engine.trainer import load_trained
-from metalab.errors import ConfigError, InputError
+from metalab.errors import InputError
 from metalab.serve.registry import AdapterRecord, Example
 
 MAX_IMAGE_PIXELS = 4096 * 4096  #: larger uploads are refused before decoding (decompression bombs)
@@ -89,11 +91,10 @@ class ServedRun:
         self.algorithm.eval()
         self.device = device
         self.example_shape = tuple(info["example_shape"])
-        self.modality = "text" if is_text_spec(self.config.data.source) else "image"
-        if self.modality == "image" and len(self.example_shape) != 3:
-            raise ConfigError(f"metalab serve takes text runs and image runs; run '{run_dir}' was trained on arrays "
-                              f"of shape {list(self.example_shape)}, not [channels, height, width] images: use "
-                              "`metalab adapt --support file.npz` and `metalab predict`, or the Python API.")
+        source = self.config.data.source
+        self.modality = "text" if is_text_spec(source) else "array" if is_array_spec(source) else "image"
+        # an array run takes numbers as its .npz had them: uint8 ones (scaled to 0-1 by the model) or floats
+        self.array_dtype = np.uint8 if run_example_dtype(self.config, info) == "uint8" else np.float32
         self.key = str(self.run_dir)  #: adapters belong to one run: the registry scopes them by this
         self._encoder = run_encoder(self.config) if self.modality == "text" else None
         if self._encoder is not None:
@@ -112,12 +113,27 @@ class ServedRun:
 
     # ---- inputs → features ---------------------------------------------------------------------
 
-    def features(self, texts: Sequence[str] | None = None, images: Sequence[bytes] | None = None) -> torch.Tensor:
-        """Texts → ``float32 [B, D]`` embeddings, or image bytes → ``uint8 [B, C, H, W]``."""
+    def features(self, texts: Sequence[str] | None = None, images: Sequence[bytes] | None = None,
+                 arrays: Sequence[Sequence[float]] | None = None, field: str = "arrays.{}") -> torch.Tensor:
+        """Texts → ``float32 [B, D]`` embeddings, image bytes → ``uint8 [B, C, H, W]``, or flat lists
+        of numbers → ``[B, *example_shape]`` in the run's array type (``field`` names the i-th in errors)."""
         if self.modality == "text":
             return self._encode(list(texts))
-        arrays = [self._image(data, f"images.{i}") for i, data in enumerate(images)]
-        return torch.from_numpy(np.stack(arrays))
+        if self.modality == "array":
+            return torch.from_numpy(np.stack([self._array(values, field.format(i)) for i, values in enumerate(arrays)]))
+        images = [self._image(data, f"images.{i}") for i, data in enumerate(images)]
+        return torch.from_numpy(np.stack(images))
+
+    def _array(self, values: Sequence[float], field: str) -> np.ndarray:
+        size = int(np.prod(self.example_shape))
+        if len(values) != size:
+            raise InputError(field, f"Field '{field}' has {len(values)} numbers; this run takes {size} (an input of shape "
+                                    f"{list(self.example_shape)}, flattened row-major).")
+        arr = np.asarray(values, dtype=np.float64)
+        if self.array_dtype == np.uint8 and not ((arr == np.round(arr)) & (arr >= 0) & (arr <= 255)).all():
+            raise InputError(field, f"Field '{field}' holds numbers other than whole ones from 0 to 255; this run was "
+                                    "trained on uint8 arrays, so send them as they were stored there.")
+        return arr.astype(self.array_dtype).reshape(self.example_shape)
 
     def _image(self, data: bytes, field: str) -> np.ndarray:
         channels, size = self.example_shape[0], self.example_shape[-1]
@@ -153,6 +169,8 @@ class ServedRun:
 
     def example_features(self, examples: list[Example]) -> list[Example]:
         """The examples with their ``features`` filled in (validates images)."""
+        if self.modality == "array":  # decoded into features already
+            return examples
         if self.modality == "text":
             feats = self.features(texts=[e.text for e in examples]).float()
         else:
@@ -169,8 +187,8 @@ class ServedRun:
         adds the lexical classifier fitted on the examples' texts (and the names)."""
         if self.modality != "text" and (names_as_examples or lexical_weight):
             field = "names_as_examples" if names_as_examples else "lexical_weight"
-            raise InputError(field, f"Field '{field}' applies to text runs only; this run is an image run, leave it out.")
-        dtype = np.float32 if self.modality == "text" else np.uint8
+            raise InputError(field, f"Field '{field}' applies to text runs only; this run is an {self.modality} run, leave it out.")
+        dtype = {"text": np.float32, "image": np.uint8, "array": self.array_dtype}[self.modality]
         shape = self.example_shape
         x = torch.from_numpy(np.stack([np.frombuffer(e.features, dtype=dtype).reshape(shape) for e in examples]))
         index = {label: i for i, label in enumerate(labels)}

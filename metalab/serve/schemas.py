@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_TEXT_CHARS = 2000  #: one text (example or input)
 MAX_LABEL_CHARS = 200
 MAX_IMAGE_BASE64 = 2_000_000  #: one base64 image (about 1.5 MB of PNG/JPEG)
+MAX_ARRAY_VALUES = 65536  #: one array input, flattened
 MAX_EXAMPLES_PER_REQUEST = 2000
 MAX_EXAMPLES_PER_ADAPTER = 10000
 MAX_LABELS = 1000
@@ -20,6 +21,8 @@ Head = Literal["algorithm", "prototypes", "logistic", "ridge"]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 ImageBase64 = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_BASE64)]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]
+ArrayValues = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_ARRAY_VALUES)]
+ARRAY_HELP = "array runs: one input as a flat list of numbers, row-major (numpy's x.ravel().tolist()), of the length /healthz's input_shape gives"
 
 
 class Strict(BaseModel):
@@ -27,10 +30,12 @@ class Strict(BaseModel):
 
 
 class ExampleIn(Strict):
-    """One labelled example: ``text`` for a text run, ``image`` (base64 PNG/JPEG) for an image run."""
+    """One labelled example: ``text`` for a text run, ``image`` (base64 PNG/JPEG) for an image run,
+    ``array`` (numbers) for a run trained on an ``.npz``."""
     label: Label
     text: Optional[Text] = None
     image: Optional[ImageBase64] = Field(None, description="base64 of a PNG or JPEG file (a data: URL is accepted)")
+    array: Optional[ArrayValues] = Field(None, description=ARRAY_HELP)
 
 
 class AdapterCreate(Strict):
@@ -58,11 +63,12 @@ class ExamplesAdd(Strict):
 
 
 class PredictIn(Strict):
-    """Exactly one of ``texts`` (text run) or ``images`` (image run, base64 PNG/JPEG)."""
+    """Exactly one of ``texts`` (text run), ``images`` (image run, base64 PNG/JPEG) or ``arrays`` (array run)."""
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
         {"texts": ["how much is in my account", "pay my friend back"], "top_k": 3}]})
     texts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PREDICT_BATCH)
     images: Optional[list[ImageBase64]] = Field(None, min_length=1, max_length=MAX_PREDICT_BATCH)
+    arrays: Optional[list[ArrayValues]] = Field(None, min_length=1, max_length=MAX_PREDICT_BATCH, description=ARRAY_HELP)
     top_k: Optional[int] = Field(None, ge=1, le=MAX_LABELS, description="Scores returned per input (default: all labels).")
 
 
