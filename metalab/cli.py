@@ -100,17 +100,24 @@ def train(
              "train.planner": planner}
     if resume is not None:
         given = [{"data.source": "--data"}.get(key, f"--{key.split('.')[1].replace('_', '-')}")
-                 for key, value in flags.items() if value is not None]
+                 for key, value in flags.items() if value is not None and key != "train.device"]
         given += ["--config"] * (config is not None) + ["--set"] * bool(set_) + ["--out"] * (out is not None)
         if given:  # they would be silently ignored: the run goes on with its own config.yaml
             raise ConfigError(f"--resume continues a run with its own config.yaml; drop {', '.join(given)} "
-                              "(to train with other settings, start a new run with --out).")
+                              "(to train with other settings, start a new run with --out; only --device may change).")
     if resume is None and out is not None and (out / "config.yaml").exists() \
             and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = out  # torchrun --max-restarts restarted us (same command line): continue from the last good checkpoint
     if resume is not None:
         cfg = RunFolder.open(resume).config()
         run_dir = resume
+        if device is not None and device != cfg.train.device:  # e.g. a GPU run continued on a CPU machine
+            console.print(f"resuming on --device {escape(device)} (config.yaml says {escape(cfg.train.device)}, and keeps "
+                          "saying so): the steps from here on may differ in the last bits from an uninterrupted run")
+            cfg.train.device = device
+        elif cfg.train.device.startswith("cuda") and not _has_cuda():
+            raise ConfigError(f"Run '{resume}' was trained with train.device='{cfg.train.device}' and this machine has no "
+                              "CUDA GPU; continue it here with --device cpu.")
     else:
         raw = {}
         if config:  # validate the file (clear errors), then start from what it says, so that
@@ -147,6 +154,12 @@ def train(
         _print_left_out(record)
         if record.get("full_task"):
             console.print(_full_task_table(record["full_task"]))
+
+
+def _has_cuda() -> bool:
+    import torch  # (loaded only when needed: the CLI starts fast)
+
+    return torch.cuda.is_available()
 
 
 def _print_left_out(record: dict) -> None:

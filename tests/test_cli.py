@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ENV = {**os.environ, "COLUMNS": "160"}
 
@@ -31,9 +32,16 @@ def test_train_eval_resume_on_omniglot(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "20-way 1-shot" in out.stdout
 
-    out = metalab("train", "--resume", str(run), "--no-eval", "--no-progress")
+    # a run trained on a GPU continues on a CPU machine with --device cpu (its config.yaml keeps saying cuda)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("device: auto", "device: cuda"))
+    if not torch.cuda.is_available():
+        out = metalab("train", "--resume", str(run), "--no-eval", "--no-progress")
+        assert out.returncode == 2 and "has no CUDA GPU; continue it here with --device cpu" in " ".join(out.stderr.split())
+    out = metalab("train", "--resume", str(run), "--device", "cpu", "--no-eval", "--no-progress")
     assert out.returncode == 0, out.stderr
-    assert "Resuming" in out.stdout
+    assert "Resuming" in out.stdout and "resuming on --device cpu (config.yaml says cuda" in " ".join(out.stdout.split())
+    assert "device: cuda" in (run / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -43,7 +51,8 @@ def test_train_eval_resume_on_omniglot(tmp_path):
     (["eval", ".", "--setting", "5way"], "--setting '5way' is not of the form"),
     (["eval", ".", "--setting", "0w1s"], "--setting '0w1s' needs at least 1 way and 1 shot"),
     (["train", "--config", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
-    (["train", "--resume", "run", "--steps", "5", "--data", "sinusoid"], "own config.yaml; drop --data, --steps (to train"),
+    (["train", "--resume", "run", "--steps", "5", "--data", "sinusoid", "--device", "cpu"],
+     "own config.yaml; drop --data, --steps (to train"),  # --device alone may change
 ])
 def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     out = metalab(*args, "--no-progress" if args[0] == "train" else "--no-progress", cwd=tmp_path)
