@@ -135,6 +135,16 @@ def test_config_errors_name_the_field():
     assert RunConfig.from_dict({"train": {"ways": [2, 5], "task_threads": 2}, "data": {"channels": 3}}).train.ways == [2, 5]
 
 
+def test_a_time_budget_the_steps_beat_leaves_the_run_reproducible(clusters, tmp_path):
+    """A time budget is a safety net: while the step count ends the run first, the learning rate
+    (warm-up included) follows the steps alone, so two runs end on the same weights (the demo)."""
+    runs = [_trainer(clusters, tmp_path / str(i), time_budget=600.0) for i in range(2)]
+    for run in runs:
+        assert run.train().stopped_by == "steps"
+    for (k, va), (_, vb) in zip(*(run.algorithm.state_dict().items() for run in runs)):
+        assert torch.equal(va, vb), k
+
+
 @pytest.mark.parametrize("clock", ["wall", "cpu"])
 def test_time_budget_stops_with_a_checkpoint(clusters, tmp_path, clock):
     cfg = cluster_config("protonet", steps=100_000, lr=1e-2, checkpoint_every=100_000, time_budget=1.0, budget_clock=clock)

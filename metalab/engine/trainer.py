@@ -295,6 +295,10 @@ class MetaTrainer:
         start = clock()
         elapsed = lambda: self.elapsed_before + clock() - start  # noqa: E731
         step, stopped_by, last = self.start_step, "steps", {}
+        # The schedule's clock leaves out this process's first step (start-up: lazy set-up, cold caches), and
+        # does not run during it. Else at step 0 (step / steps = 0) the clock alone would set the learning
+        # rate, and every weight after it would depend on timing, even in a run the step count ends first.
+        first_spent, startup = None, None
         window_t, window_tasks, validating = time.perf_counter(), 0, 0.0
         self.algorithm.train()
         with progress_bar(f"train {t.algo}", t.steps, enabled=self.show_progress, status=True) as bar, \
@@ -308,9 +312,13 @@ class MetaTrainer:
                 if stop.requested:  # Ctrl-C: between steps, where the weights are whole
                     stopped_by = "interrupted"
                     break
+                if first_spent is None:
+                    first_spent = spent
+                elif startup is None:
+                    startup = spent - first_spent
                 progress = step / t.steps
-                if t.time_budget is not None:  # anneal on whichever runs out first: steps or time
-                    progress = max(progress, spent / t.time_budget)
+                if t.time_budget is not None and startup is not None:  # anneal on whichever runs out first: steps or time
+                    progress = max(progress, (spent - startup) / (t.time_budget - startup))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.config, progress)
                 if self.planner is not None:
