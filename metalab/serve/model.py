@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from metalab.data.catalog import is_array_spec
 from metalab.data.folders import image_array, ink_high
 from metalab.data.text import is_text_spec, label_name_texts
-from metalab.data.catalog import is_array_spec
 from metalab.engine.adapter import Adapter, default_threshold, run_encoder, run_example_dtype
 from metalab.engine.trainer import load_trained
 from metalab.errors import InputError
