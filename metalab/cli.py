@@ -78,7 +78,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Seed of initialisation and episode sampling."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: --set train.algo_options.inner_lr=0.1"),
     out: Optional[Path] = typer.Option(None, help="Run folder to create (default runs/<name>-<time>)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue this run folder from its last good checkpoint."),
+    resume: Optional[Path] = typer.Option(None, help="Continue this run folder from its last good checkpoint, with its own config.yaml (only --device may be given too)."),
     evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate on meta-test when training ends."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
