@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from metalab.algorithms import ALGORITHMS
@@ -123,6 +124,12 @@ def test_array_runs_adapt_and_predict_from_npz_files(clusters_npz, tmp_path):
                            "holds uint8 arrays but this adapter's support had float32 ones")):
         result = runner.invoke(app, command)
         assert result.exit_code != 0 and says in str(result.exception), (command, result.exception)
+    from metalab.engine.adapter import Adapter  # the Python API checks it too
+    from metalab.errors import DataError
+
+    with pytest.raises(DataError, match=r"The support holds uint8 arrays but run '.*' had float32 ones"):
+        Adapter(run, torch.zeros(2, 32, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+    assert Adapter(run, torch.zeros(2, 32), torch.tensor([0, 1]), ["a", "b"]).predict(torch.zeros(1, 32))[0].label in ("a", "b")
 
 
 def test_sinusoid_flags_that_mean_nothing_and_an_empty_train_section_get_one_sentence(tmp_path):

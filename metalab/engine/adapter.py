@@ -66,11 +66,16 @@ class Adapter:
             raise ConfigError(f"The lexical weight must be 0 or more; got {lexical_weight}.")
         self.run_dir, self.head, self.threshold, self.labels = Path(run_dir), head, threshold, list(labels)
         self.support_x, self.support_y, self.ink_inverted = support_x, support_y, ink_inverted
-        self.config, self.algorithm = loaded if loaded is not None else load_trained(run_dir, device)[:2]
+        if loaded is None:
+            self.config, self.algorithm, info = load_trained(run_dir, device)
+        else:  # (the callers that pass a loaded run check their inputs themselves)
+            (self.config, self.algorithm), info = loaded, None
         self.algorithm.eval()
         self.device = torch.device(device)
         self.text = is_text_spec(self.config.data.source)
         self.arrays = is_array_spec(self.config.data.source)
+        if self.arrays and info is not None:
+            check_array_dtype("The support", support_x.dtype, run_example_dtype(self.config, info), f"run '{run_dir}'")
         self._encoder = None
         self._scorer = self._fit()
         self.support_texts = list(support_texts) if support_texts is not None else None
