@@ -31,7 +31,7 @@ from metalab.data.cache import load_tensors, save_tensors_atomic
 from metalab.data.catalog import is_array_spec, text_options
 from metalab.data.text import is_text_spec, label_name_texts, load_text_table
 from metalab.engine.text_eval import confidence
-from metalab.engine.trainer import load_trained, refuse_rl_run
+from metalab.engine.trainer import load_trained, refuse_regression_run, refuse_rl_run
 from metalab.errors import CheckpointError, ConfigError, DataError
 
 HEAD_CHOICES = ("algorithm", *HEADS)
@@ -70,6 +70,7 @@ class Adapter:
             self.config, self.algorithm, info = load_trained(run_dir, device)
         else:  # (the callers that pass a loaded run check their inputs themselves)
             (self.config, self.algorithm), info = loaded, None
+        refuse_regression_run(self.run_dir, self.config)
         self.algorithm.eval()
         self.device = torch.device(device)
         self.text = is_text_spec(self.config.data.source)
@@ -293,6 +294,7 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
 
     config = RunFolder.open(run_dir).config()
     refuse_rl_run(Path(run_dir), config)
+    refuse_regression_run(Path(run_dir), config)
     support = Path(support)
     if is_text_spec(config.data.source):
         from metalab.models.text_encoder import encode_texts

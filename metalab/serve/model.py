@@ -28,7 +28,7 @@ from metalab.data.catalog import is_array_spec
 from metalab.data.folders import image_array, ink_high
 from metalab.data.text import is_text_spec, label_name_texts
 from metalab.engine.adapter import Adapter, default_threshold, run_encoder, run_example_dtype
-from metalab.engine.trainer import load_trained
+from metalab.engine.trainer import load_trained, refuse_regression_run
 from metalab.errors import InputError
 from metalab.serve.registry import AdapterRecord, Example
 
@@ -88,6 +88,7 @@ class ServedRun:
     def __init__(self, run_dir: str | Path, device: str = "cpu", cache_size: int = 256) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.config, self.algorithm, info = load_trained(self.run_dir, device)
+        refuse_regression_run(self.run_dir, self.config)
         self.algorithm.eval()
         self.device = device
         self.example_shape = tuple(info["example_shape"])
