@@ -426,10 +426,11 @@ def graph(
 ) -> None:
     """Knowledge graph of classes and domains: nearest classes by prototype similarity, exported and scored."""
     from metalab.engine.eval_run import run_splits
-    from metalab.engine.trainer import load_trained
+    from metalab.engine.trainer import load_trained, refuse_regression_run
     from metalab.report.graph import build_graph, class_prototypes, draw_graph, export_graph, nearest_classes, score_neighbours
 
     config, algorithm, info = load_trained(run)
+    refuse_regression_run(run, config)
     splits = run_splits(config, show_progress=True, example_shape=info["example_shape"])
     source = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
     if source is None:

@@ -65,13 +65,18 @@ def test_regression_defaults_follow_the_maml_paper_where_the_config_is_silent(tm
     assert all(math.isfinite(r["mean"]) for r in record["results"]) and "diverged" not in record
     val = evaluate_run(tmp_path / "run", show_progress=False, split="val")  # validation's tasks, not test's again
     assert "seed 2025" in val["split_description"] and val["results"][0]["mean"] != record["results"][0]["mean"]
-    # adapters choose between labels: adapt and serve name a regression run as such (serve took it for images)
+    # commands that need classes (adapt, serve, graph) name a regression run as such (serve took it for images)
+    from typer.testing import CliRunner
+
+    from metalab.cli import app
     from metalab.engine.adapter import adapt_from_file
     from metalab.serve.model import ServedRun
 
     for make in (lambda: adapt_from_file(tmp_path / "run", tmp_path), lambda: ServedRun(tmp_path / "run")):
         with pytest.raises(ConfigError, match=r"is a regression run \(sinusoid tasks\).*use `metalab eval`"):
             make()
+    result = CliRunner().invoke(app, ["graph", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "is a regression run (sinusoid tasks)" in str(result.exception), result.exception
 
 
 def test_a_diverging_inner_loop_is_named_and_shots_are_evaluated_once(tmp_path):

@@ -412,11 +412,11 @@ def refuse_rl_run(path: Path, config: RunConfig) -> None:
 
 
 def refuse_regression_run(path: Path, config: RunConfig) -> None:
-    """One sentence for a command that needs a classifier (adapt, predict, serve) but was given a
-    regression run (a task family such as ``sinusoid``)."""
+    """One sentence for a command that needs a classifier (adapt, predict, serve, graph) but was given
+    a regression run (a task family such as ``sinusoid``)."""
     if is_task_family(config.data.source):
         raise ConfigError(f"'{path}' is a regression run ({config.data.source} tasks): it fits a function to a few "
-                          "points, and an adapter chooses between labels; use `metalab eval` or `metalab report` on it.")
+                          "points and has no classes for this command; use `metalab eval` or `metalab report` on it.")
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | None = None) -> tuple[RunConfig, Algorithm, dict]:
