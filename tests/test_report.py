@@ -175,6 +175,27 @@ def test_report_html_parses_and_every_figure_exists(omniglot_runs, tmp_path):
     assert "Not like for like" in text and "data.split_seed: protonet 0, other-seed 7" in text and "eval.seed: protonet 2024, other-seed 8" in text
 
 
+def test_compare_keeps_one_colour_per_run_and_ignores_fields_a_run_does_not_read(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from metalab.report.html import config_differences, plot_learning_curves
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to look at it
+    runs = {"rl": [{"step": 1, "loss": 2.0}], "proto": [{"step": 1, "loss": 1.0, "acc": 0.5}, {"step": 2, "loss": 0.5, "acc": 0.7}]}
+    plot_learning_curves(runs, tmp_path / "curves.png")
+    loss, acc = kept[0].axes
+    colour = {line.get_label(): line.get_color() for line in loss.get_lines()}
+    assert [line.get_color() for line in acc.get_lines()] == [colour["proto"]]  # not the first colour of the cycle
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["rl", "proto"]
+
+    rl = RunConfig.from_dict({"rl": {"task": "bandit"}, "train": {"algo": "maml-rl"}})  # data.* unused: 'omniglot' by default
+    assert config_differences({"rl": rl, "proto": RunConfig.from_dict({})}) == ["rl.task: rl 'bandit', proto None"]
+    sine = RunConfig.from_dict({"data": {"source": "sinusoid"}, "train": {"algo": "maml"}})
+    assert "data.source: rl unused, sine 'sinusoid', proto 'omniglot'" in config_differences(
+        {"rl": rl, "sine": sine, "proto": RunConfig.from_dict({})})
+
+
 def test_report_renders_in_a_headless_browser(omniglot_runs, tmp_path):
     from test_serve_browser import CHROMIUM, launch, non_blank
 

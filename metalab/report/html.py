@@ -86,17 +86,21 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: Path) -> Path | None
     if not present:
         return None
     plt = _plt()
+    from matplotlib.lines import Line2D
+
+    colours = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # one colour per run in every panel, present or not
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.3), squeeze=False)
     for ax, (key, label) in zip(axes[0], present):
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 # validation comes every val_every steps (often one point in a short run): mark the points
-                ax.plot(*zip(*pts), label=name, marker="o" if len(pts) == 1 else "." if key.startswith("val_") else None)
+                ax.plot(*zip(*pts), label=name, color=colours[name],
+                        marker="o" if len(pts) == 1 else "." if key.startswith("val_") else None)
         ax.set_xlabel("step")
         ax.set_title(label, fontsize=10)
-    if len(runs) > 1:
-        axes[0][0].legend(fontsize=7)
+    if len(runs) > 1:  # every run, also one missing from the first panel
+        axes[0][0].legend(handles=[Line2D([], [], color=c, label=n) for n, c in colours.items()], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -307,13 +311,22 @@ COMPARED_FIELDS = ("rl.task", "data.source", "data.image_size", "data.split_seed
                    "data.test_domains", "data.encoder", "data.encoder_layers", "eval.seed")
 
 
+class _Unused:
+    """A field a run does not read (a meta-RL run's ``data.*``: its tasks come from ``rl.task``)."""
+
+    def __repr__(self) -> str:
+        return "unused"
+
+
 def config_differences(configs: dict) -> list[str]:
-    """``"field: run value, run value"`` for each of :data:`COMPARED_FIELDS` on which the runs' configs differ."""
+    """``"field: run value, run value"`` for each of :data:`COMPARED_FIELDS` on which the runs that
+    read it differ (a run that does not read it is listed as ``unused``)."""
     out = []
     for dotted in COMPARED_FIELDS:
         section, key = dotted.split(".")
-        values = {name: getattr(getattr(config, section), key) for name, config in configs.items()}
-        if len({repr(v) for v in values.values()}) > 1:
+        values = {name: _Unused() if section == "data" and config.rl.task is not None else getattr(getattr(config, section), key)
+                  for name, config in configs.items()}
+        if len({repr(v) for v in values.values() if not isinstance(v, _Unused)}) > 1:
             out.append(f"{dotted}: " + ", ".join(f"{name} {value!r}" for name, value in values.items()))
     return out
 
