@@ -309,9 +309,10 @@ def _describe_text(name: str) -> dict:
 
 
 def _full_task_table(tasks: list[dict]) -> Table:
-    table = Table(title="all meta-test classes at once (support: train part; queries: test part)")
-    for col in ("task", "acc (%)", "± CI", "macro P", "macro R", "macro F1", "in-scope acc", "OOS recall"):
-        table.add_column(col, justify="right")
+    table = Table(title="all meta-test classes at once (support: train part; queries: test part; "
+                        "precision, recall, F1: macro averages)")
+    for col in ("task", "acc (%)", "± CI", "prec.", "recall", "F1", "in-scope acc", "OOS recall"):
+        table.add_column(col, justify="right", no_wrap=col == "task")  # "45w5s ×10" on one line at 80 columns
     for t in tasks:
         oos = t.get("out_of_scope")
         table.add_row(f"{t['ways']}w{t['shots']}s ×{t['draws']}", f"{100 * t['accuracy']:.2f}",

@@ -507,3 +507,18 @@ def test_the_lexical_classifier_names_its_misuse():
         LexicalClassifier().log_probs(["a"])
     with pytest.raises(ConfigError, match="Cannot combine"):
         combine_log_probs(torch.zeros(2, 3), torch.zeros(2, 4), 0.1)
+
+
+def test_the_full_task_table_fits_80_columns():
+    from rich.console import Console
+
+    from metalab.cli import _full_task_table
+
+    task = {"ways": 45, "shots": 5, "draws": 10, "accuracy": 0.9161, "accuracy_ci95": 0.0036, "macro_precision": 0.925,
+            "macro_recall": 0.916, "macro_f1": 0.916, "out_of_scope": {"in_scope_accuracy": 0.9051, "oos_recall": 0.7789},
+            "per_class": [{"class": "recipe", "f1": 0.75}]}
+    console = Console(width=80, record=True)
+    console.print(_full_task_table([task]))
+    text = console.export_text()
+    assert "45w5s ×10" in text and "91.61" in text and "90.51" in text and "77.89" in text
+    assert "…" not in text  # no header or cell cut short
