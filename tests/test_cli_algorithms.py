@@ -113,7 +113,11 @@ def test_array_runs_adapt_and_predict_from_npz_files(clusters_npz, tmp_path):
     for command, says in ((["adapt", "--run", str(run), "--support", str(tmp_path / "narrow.npz")],
                            "has examples of shape [5], but run"),
                           (["predict", "--adapter", str(tmp_path / "a.safetensors"), str(tmp_path / "narrow.npz")],
-                           "has examples of shape [5]; this adapter's are [32]")):
+                           "has examples of shape [5]; this adapter's are [32]"),
+                          (["predict", "--adapter", str(tmp_path / "a.safetensors"), str(tmp_path / "rows.NPZ.txt")],
+                           "must be an existing .npz file"),
+                          (["adapt", "--run", str(run), "--support", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "m.safetensors")],
+                           "must be an existing .npz file with arrays x and y")):
         result = runner.invoke(app, command)  # (main() prints such errors; in-process, the exception carries them)
         assert result.exit_code != 0 and says in str(result.exception), (command, result.exception)
     # uint8 arrays are scaled from 0-255 to 0-1 and floats are not: mixing them would silently mis-scale every input

@@ -183,7 +183,7 @@ class Adapter:
             paths = [paths]
         shape, rows, names = list(self.support_x.shape[1:]), [], []
         for path in map(Path, paths):
-            if path.suffix.lower() != ".npz" or not path.is_file():
+            if not (is_array_spec(path) and path.is_file()):
                 raise DataError(f"Input '{path}' must be an existing .npz file with an array x for this array adapter.")
             try:
                 with np.load(path, allow_pickle=False) as data:
@@ -215,7 +215,7 @@ class Adapter:
         path = Path(path)
         meta = {"format": "metalab-adapter/1", "run": str(self.run_dir.resolve()), "labels": self.labels,
                 "head": self.head, "threshold": self.threshold, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "modality": "text" if self.text else "arrays" if self.arrays else "image"}
+                "modality": "text" if self.text else "array" if self.arrays else "image"}
         if self._lexical is not None:
             meta.update(support_texts=self.support_texts, lexical_weight=self.lexical_weight)
         if self.ink_inverted is not None:
@@ -343,7 +343,7 @@ def _adapt_from_arrays(run_dir, support: Path, head: str, threshold: float | Non
     examples and labels ``y [M]`` (strings or integers; ``class_names`` optional), as for training."""
     from metalab.data.folders import load_npz
 
-    if support.suffix.lower() != ".npz" or not support.is_file():
+    if not (is_array_spec(support) and support.is_file()):
         raise DataError(f"Support '{support}' must be an existing .npz file with arrays x and y for this array run.")
     config, algorithm, info = load_trained(run_dir, device)
     source = load_npz(support)
