@@ -125,7 +125,7 @@ def main() -> None:
     support = [{"label": label, "text": text} for label in sorted(by_label) for text in rng.sample(by_label[label], 5)]
     rng.shuffle(test)
 
-    from metalab.serve.registry import Registry
+    from metalab.store.registry import Registry
 
     db = work / "registry.sqlite"
     key = Registry(db).create_key("bench")

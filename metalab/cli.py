@@ -143,13 +143,16 @@ def train(
                           check_eval=evaluate_after)
     if trainer.splits is not None:
         console.print(f"[bold]split:[/] {escape(trainer.splits.description)}")
+    _index_run(run_dir, training=True)
     result = trainer.train()
+    _index_run(result.run_dir, training=False)
     _exit_if_interrupted(result, cfg)
     validating = f", {result.validation_seconds:.0f} s of it validating" if result.validation_seconds >= 1 else ""
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s{validating} (stopped by {result.stopped_by}); "
                   f"run folder: {result.run_dir}")
     if evaluate_after:
         record = evaluate_run(result.run_dir, device=str(trainer.device), show_progress=progress)
+        _index_run(result.run_dir)
         console.print(_results_table(record, f"{cfg.train.algo} on meta-test ({record['split']})"))
         _print_left_out(record)
         if record.get("full_task"):
@@ -183,11 +186,16 @@ def _exit_if_interrupted(result, cfg) -> None:
 def _train_rl(cfg, run_dir: Path, resume: bool, progress: bool, evaluate_after: bool) -> None:
     from metalab.rl.trainer import RLTrainer, evaluate_rl_run
 
-    result = RLTrainer(cfg, run_dir, resume=resume, show_progress=progress, log=console.print).train()
+    trainer = RLTrainer(cfg, run_dir, resume=resume, show_progress=progress, log=console.print)
+    _index_run(run_dir, training=True)
+    result = trainer.train()
+    _index_run(result.run_dir, training=False)
     _exit_if_interrupted(result, cfg)
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if evaluate_after:
-        console.print(_returns_table(evaluate_rl_run(result.run_dir)))
+        record = evaluate_rl_run(result.run_dir)
+        _index_run(result.run_dir)
+        console.print(_returns_table(record))
 
 
 def _returns_table(record: dict) -> Table:
@@ -238,10 +246,14 @@ def eval_(
         if given:  # they would be silently ignored
             raise ConfigError(f"{', '.join(given)} apply to few-shot runs; a meta-RL run is scored on rl.test_tasks "
                               "fresh tasks after 0..rl.eval_steps adaptation steps (set in its config.yaml).")
-        console.print(_returns_table(evaluate_rl_run(run)))
+        record = evaluate_rl_run(run)
+        _index_run(run)
+        console.print(_returns_table(record))
         return
 
     record = evaluate_run(run, settings, episodes, device, show_progress=progress, split=split)
+    if split == "test":  # (eval.json holds the test split's figures)
+        _index_run(run)
     console.print(f"split: {escape(record['split_description'])}")
     console.print(_results_table(record, f"{record['algo']} at step {record['step']} ({split})"))
     _print_left_out(record)
@@ -464,6 +476,84 @@ def serve(
                announce=lambda line: print(line, flush=True))
 
 
+def _index_run(path, training: bool | None = None) -> None:
+    """Add the run to the registry's index of runs (rank 0 only; ``training`` as in ``index_run``). The
+    run folder is the record: an index that cannot be written costs a note, never the run."""
+    import sqlite3
+
+    from metalab.store import Registry, default_registry_path
+    from metalab.store.runs import index_run
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    registry = default_registry_path()
+    try:
+        index_run(Registry(registry), path, training)
+    except (MetalabError, sqlite3.Error, OSError) as exc:
+        if not getattr(_index_run, "warned", False):  # once per command
+            _index_run.warned = True
+            why = str(exc).split(";")[0].rstrip(".")  # (its advice, e.g. "pass --db", is for other commands)
+            err_console.print(f"note: the run was not added to the registry's index ({escape(why)}); the run folder is "
+                              f"complete. To list it with `metalab runs`, set METALAB_HOME to a writable folder and run "
+                              f"`metalab runs --scan {escape(str(Path(path).parent))}`.", highlight=False)
+
+
+@app.command("runs")
+def runs_(
+    algo: Optional[str] = typer.Option(None, help="Only runs whose algorithm contains this text (e.g. maml)."),
+    data: Optional[str] = typer.Option(None, help="Only runs whose data (or meta-RL task) contains this text."),
+    scan: Optional[Path] = typer.Option(None, help="First add the run folders found under this folder (4 levels down at most)."),
+    forget_missing: bool = typer.Option(False, "--forget-missing", help="Drop the runs whose folders are gone from the index (it never touches a folder)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
+    db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite, ~/.metalab/…)."),
+) -> None:
+    """List the runs in the registry: algorithm, data, steps, status and test figures (newest first)."""
+    import json
+
+    from metalab.store import Registry, default_registry_path
+    from metalab.store.runs import find_run_folders, forget_missing as forget, index_run, list_runs
+
+    path = db or default_registry_path()
+    if scan is not None:
+        if not scan.is_dir():
+            raise ConfigError(f"--scan '{scan}' is not a folder; pass the folder that holds your run folders (e.g. runs).")
+        registry = Registry(path)
+        found = find_run_folders(scan)
+        for folder in found:
+            index_run(registry, folder)
+        err_console.print(f"indexed {len(found)} run folder{'s' * (len(found) != 1)} under {escape(str(scan))}", highlight=False)
+    elif not Path(path).exists():
+        err_console.print(f"no runs indexed yet in '{escape(str(path))}': `metalab train` adds each run it makes; "
+                          "add older ones with `metalab runs --scan runs`.", highlight=False)
+        return
+    else:
+        registry = Registry(path)
+    if forget_missing:
+        gone = forget(registry)
+        err_console.print(f"dropped {len(gone)} run{'s' * (len(gone) != 1)} whose folders are gone", highlight=False)
+    rows = list_runs(registry, algo, data)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row.as_dict()))
+        return
+    table = Table(title=f"runs in {path}")
+    for col in ("run", "algo", "data", "steps", "status", "test results"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        try:
+            shown = str(Path(row.path).relative_to(Path.cwd()))
+        except ValueError:
+            shown = row.path
+        results = "\n".join(row.results) or "-"
+        if row.results and row.evaluated_step is not None and row.evaluated_step != row.steps:
+            results += f" (at step {row.evaluated_step})"
+        table.add_row(escape(shown), escape(row.algo), escape(row.data), f"{row.steps}/{row.steps_total}", escape(row.status),
+                      escape(results))
+    console.print(table)
+    if not rows:
+        console.print("no runs match" if algo or data else "no runs indexed")
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service's tenants (stored hashed in the registry).")
 app.add_typer(keys_app, name="keys")
 
@@ -519,6 +609,7 @@ def demo(
     from metalab.demo import run_demo
 
     record = run_demo(out, time_budget, show_progress=progress, log=console.print)
+    _index_run(record["run"])
     console.print(_results_table(record, "Prototypical Network, Omniglot meta-test alphabets (never trained on)"))
     console.print(f"run folder: {record['run']}")
 

@@ -5,8 +5,9 @@ import tempfile
 import pytest
 import torch
 
-# Tests never touch the user's cache.
+# Tests never touch the user's cache, nor the user's registry (where `metalab train` indexes its runs).
 os.environ.setdefault("METALAB_CACHE", tempfile.mkdtemp(prefix="metalab-test-cache-"))
+os.environ["METALAB_HOME"] = tempfile.mkdtemp(prefix="metalab-test-home-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from metalab.data.folders import from_arrays  # noqa: E402

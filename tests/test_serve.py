@@ -28,7 +28,7 @@ from metalab.engine.adapter import Adapter
 from metalab.errors import ConfigError, DataError
 from metalab.serve.app import create_app
 from metalab.serve.model import ServedRun
-from metalab.serve.registry import MIGRATIONS, SCHEMA_VERSION, Registry
+from metalab.store.registry import MIGRATIONS, SCHEMA_VERSION, Registry
 from metalab.serve.server import BackgroundServer
 from test_text import intent_rows, write_csv
 
@@ -378,7 +378,7 @@ def test_registry_migrates_old_files_and_refuses_newer(tmp_path):
         conn.executescript(MIGRATIONS[0][1])
         conn.execute("INSERT INTO schema_version VALUES (1, 'x', 'then')")
     Registry(tmp_path / "scratch.sqlite")  # the hashing is the registry's own
-    from metalab.serve.registry import hash_key
+    from metalab.store.registry import hash_key
 
     with sqlite3.connect(old) as conn:
         conn.execute("INSERT INTO tenants (name, created) VALUES ('acme', 'then')")
@@ -403,7 +403,7 @@ def test_registry_migrates_old_files_and_refuses_newer(tmp_path):
         conn.execute("INSERT INTO adapters VALUES ('ad_1', 1, 'run', 'old', 'text', 'logistic', NULL, '[\"a\", \"b\"]', 3, 'then', 'then')")
         conn.execute("INSERT INTO examples (adapter_id, label, text, features, added_in) VALUES ('ad_1', 'a', 'hi', x'00', 1)")
     registry = Registry(v2)
-    from metalab.serve.registry import Tenant
+    from metalab.store.registry import Tenant
 
     record = registry.get_adapter(Tenant(1, "acme"), "run", "ad_1")
     assert (record.labels, record.version, record.examples) == (["a", "b"], 3, 1)

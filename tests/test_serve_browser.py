@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from metalab.serve.app import create_app
-from metalab.serve.registry import Registry
+from metalab.store.registry import Registry
 from metalab.serve.server import BackgroundServer
 from test_serve import bytes_run, served_text, text_run  # noqa: F401 - module fixtures reused
 

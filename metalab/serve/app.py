@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from metalab.errors import InputError, MetalabError
 from metalab.serve import schemas
 from metalab.serve.model import ServedRun
-from metalab.serve.registry import Example, Registry, Tenant
+from metalab.store.registry import Example, Registry, Tenant
 
 log = logging.getLogger("metalab.serve")
 PAGE = Path(__file__).with_name("page.html")

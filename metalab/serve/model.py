@@ -30,7 +30,7 @@ from metalab.data.text import is_text_spec, label_name_texts
 from metalab.engine.adapter import Adapter, default_threshold, run_encoder, run_example_dtype
 from metalab.engine.trainer import load_trained, refuse_regression_run
 from metalab.errors import InputError
-from metalab.serve.registry import AdapterRecord, Example
+from metalab.store.registry import AdapterRecord, Example
 
 MAX_IMAGE_PIXELS = 4096 * 4096  #: larger uploads are refused before decoding (decompression bombs)
 

@@ -1,4 +1,5 @@
-"""The local SQLite registry: tenants, their API keys (hashed), adapters and their examples.
+"""The local SQLite registry: the index of run folders, and the service's tenants, their API keys
+(hashed), adapters and their examples.
 
 One file, WAL mode (readers never wait for the writer), foreign keys on, every write in one
 transaction (``BEGIN IMMEDIATE``), so a failed request leaves nothing half-written. The schema is
@@ -71,6 +72,20 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("text adapter options: label names as examples, lexical weight", """
         ALTER TABLE adapters ADD COLUMN names_as_examples INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE adapters ADD COLUMN lexical_weight REAL NOT NULL DEFAULT 0
+    """),
+    ("an index of run folders", """
+        CREATE TABLE runs (
+            path TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            algo TEXT NOT NULL,
+            data TEXT NOT NULL,
+            created TEXT NOT NULL,
+            updated TEXT NOT NULL,
+            host TEXT,
+            pid INTEGER,
+            summary TEXT NOT NULL
+        );
+        CREATE INDEX runs_by_updated ON runs(updated)
     """),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -293,3 +308,34 @@ class Registry:
 
     def count_adapters(self, run: str) -> int:
         return self._read("SELECT COUNT(*) FROM adapters WHERE run = ?", (run,))[0][0]
+
+    # ---- the index of run folders (metalab.store.runs fills it) --------------------------------
+
+    def upsert_run(self, path: str, name: str, algo: str, data: str, summary: dict,
+                   process: tuple[str, int] | None = None, keep_process: bool = False) -> None:
+        """Index the run folder at ``path`` (absolute), or update its row. ``process``: the (host,
+        pid) training it now; ``None`` once no process is (or, with ``keep_process``, as it was)."""
+        now = _now()
+        host, pid = process or (None, None)
+        keep = "runs.host" if keep_process else "excluded.host", "runs.pid" if keep_process else "excluded.pid"
+        with self._write() as conn:
+            conn.execute("INSERT INTO runs (path, name, algo, data, created, updated, host, pid, summary) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET name = excluded.name, "
+                         f"algo = excluded.algo, data = excluded.data, updated = excluded.updated, host = {keep[0]}, "
+                         f"pid = {keep[1]}, summary = excluded.summary",
+                         (path, name, algo, data, now, now, host, pid, json.dumps(summary)))
+
+    def runs(self) -> list[dict]:
+        """Every indexed run, most recently updated first; ``summary`` as a dict."""
+        rows = self._read("SELECT * FROM runs ORDER BY updated DESC, rowid DESC")
+        return [{**dict(r), "summary": json.loads(r["summary"])} for r in rows]
+
+    def run(self, path: str) -> dict | None:
+        """The indexed run at ``path`` (``summary`` as a dict), or ``None``."""
+        rows = self._read("SELECT * FROM runs WHERE path = ?", (path,))
+        return {**dict(rows[0]), "summary": json.loads(rows[0]["summary"])} if rows else None
+
+    def forget_runs(self, paths: list[str]) -> int:
+        """Drop these runs from the index (their folders are not touched); returns how many."""
+        with self._write() as conn:
+            return sum(conn.execute("DELETE FROM runs WHERE path = ?", (p,)).rowcount for p in paths)

@@ -1,0 +1,211 @@
+"""The registry's index of run folders: what was trained where, how far, and what it scored.
+
+A run folder stays the truth (``config.yaml``, checkpoints, ``eval.json``); the index only
+remembers where the folders are. ``metalab train / eval / demo`` add or update their run
+(:func:`index_run`), ``metalab runs --scan DIR`` adds folders made elsewhere, and listing
+(:func:`list_runs`) reads each folder again, so it shows the folder as it is now. A folder that
+is gone shows as ``missing``, with what the index last saw of it.
+
+The listing reads only small files (YAML, JSON, file names), never a checkpoint, and does not
+load torch, so ``metalab runs`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from metalab.store.registry import Registry
+
+#: ``RunFolder.checkpoint_path``'s names (read here without loading the engine and torch)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+
+
+@dataclass
+class RunRow:
+    """One line of ``metalab runs``."""
+
+    path: str
+    name: str
+    algo: str
+    data: str
+    steps: int  #: of the newest checkpoint (0: none yet)
+    steps_total: int
+    status: str  #: 'training', 'done' (all steps, or the time budget spent), 'stopped' (before either), 'missing'
+    results: list[str]  #: e.g. ['5w1s 94.09 ± 0.51', …], from eval.json
+    evaluated_step: int | None
+    modified: str  #: when the folder was last written (config, newest checkpoint, eval.json), UTC
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _read_eval(folder: Path) -> dict | None:
+    try:
+        record = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _result_strings(record: dict) -> list[str]:
+    """``eval.json``'s figures as short strings: accuracy (%), MSE or a meta-RL return."""
+    out = []
+    for r in record.get("results", []):
+        try:
+            if r.get("metric") == "mse":
+                steps = "" if r.get("steps") is None else f" {r['steps']} steps"
+                out.append(f"{r['shots']}-shot{steps} MSE {r['mean']:.4f} ± {r['ci95']:.4f}")
+            else:
+                out.append(f"{r['ways']}w{r['shots']}s {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}")
+        except (KeyError, TypeError, ValueError):
+            continue
+    for name, rows in (record.get("rl") or {}).items():
+        if rows and isinstance(rows, list) and isinstance(rows[-1], dict) and "return" in rows[-1]:
+            last = rows[-1]
+            out.append(f"{name}: return {last['return']:.2f} ± {last.get('ci95', 0.0):.2f} "
+                       f"after {last.get('adaptation_steps', '?')} steps")
+    return out
+
+
+def _checkpoint_info(path: Path) -> dict:
+    """The ``info`` a metalab checkpoint carries (step, elapsed seconds, …), read from the
+    safetensors header alone: 8 bytes of header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 16 * 1024 * 1024:
+                return {}
+            info = json.loads(f.read(size)).get("__metadata__", {}).get("info", "{}")
+        info = json.loads(info)
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # absent, or pruned by a training run meanwhile
+        return 0.0
+
+
+def read_run_folder(path: str | Path) -> dict | None:
+    """What a run folder says of itself (``None`` if it is not one): name, algo, data, the steps of
+    its newest checkpoint and the configured total, whether training is over (all steps, or the
+    time budget spent), and ``eval.json``'s results."""
+    folder = Path(path)
+    config = _read_yaml(folder / "config.yaml")
+    if not isinstance(config.get("train"), dict):  # not written by metalab (its config.yaml has a train section)
+        return None
+    train, data, rl = (config.get(k) if isinstance(config.get(k), dict) else {} for k in ("train", "data", "rl"))
+    checkpoints = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*.safetensors")
+                         if (m := _CHECKPOINT.match(p.name)))
+    steps, total, budget = (checkpoints[-1][0] if checkpoints else 0), int(train.get("steps") or 0), train.get("time_budget")
+    if checkpoints and steps < total and isinstance(budget, (int, float)):
+        ended = float(_checkpoint_info(checkpoints[-1][1]).get("elapsed", 0.0)) >= budget
+    else:
+        ended = bool(checkpoints) and steps >= total
+    record = _read_eval(folder)
+    modified = max(_mtime(p) for p in (folder / "config.yaml", folder / "eval.json", *(p for _, p in checkpoints[-1:])))
+    return {"name": str(config.get("name", "run")), "algo": str(train.get("algo", "?")),
+            "data": str(rl.get("task") or data.get("source", "?")), "steps": steps, "steps_total": total,
+            "ended": ended, "results": _result_strings(record) if record else [],
+            "evaluated_step": record.get("step") if record else None,
+            "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(modified))}
+
+
+def index_run(registry: Registry, path: str | Path, training: bool | None = None) -> None:
+    """Add the run folder at ``path`` to the index, or refresh its row. ``training``: ``True`` when
+    this process is about to train it (its host and pid are kept), ``False`` when it has stopped,
+    ``None`` (a scan, an evaluation) to leave that as it was."""
+    folder = Path(path).resolve()
+    seen = read_run_folder(folder)
+    if seen is None:
+        return
+    summary = {k: seen[k] for k in ("steps", "steps_total", "ended", "results", "evaluated_step", "modified")}
+    registry.upsert_run(str(folder), seen["name"], seen["algo"], seen["data"], summary,
+                        process=(socket.gethostname(), os.getpid()) if training else None, keep_process=training is None)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is still a live metalab process (on Linux a zombie is not, nor another
+    program that took the pid after a crash or a reboot)."""
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").is_dir():
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state not in ("Z", "X") and b"metalab" in (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _status(row: dict, seen: dict | None) -> str:
+    if seen is None:
+        return "missing"
+    here = socket.gethostname()
+    if row["pid"] is not None and row["host"] == here and _alive(row["pid"]):
+        return "training"
+    if row["pid"] is not None and row["host"] != here:
+        return f"training on {row['host']}?"  # another machine's process: not checkable from here
+    return "done" if seen["ended"] else "stopped"
+
+
+def list_runs(registry: Registry, algo: str | None = None, data: str | None = None) -> list[RunRow]:
+    """Every indexed run, each read again from its folder, the most recently written first; ``algo``
+    / ``data`` keep the runs whose algorithm / data contain that text (any case)."""
+    rows = []
+    for row in registry.runs():
+        if algo and algo.lower() not in row["algo"].lower() or data and data.lower() not in row["data"].lower():
+            continue
+        seen = read_run_folder(row["path"])
+        last = seen or {**row["summary"], "name": row["name"], "algo": row["algo"], "data": row["data"]}
+        rows.append(RunRow(row["path"], last["name"], last["algo"], last["data"], int(last.get("steps", 0)),
+                           int(last.get("steps_total", 0)), _status(row, seen), list(last.get("results", [])),
+                           last.get("evaluated_step"), last.get("modified", row["updated"])))
+    return sorted(rows, key=lambda r: r.modified, reverse=True)
+
+
+def find_run_folders(root: str | Path, max_depth: int = 4) -> list[Path]:
+    """Run folders (holding a ``config.yaml`` that reads as a run's) at most ``max_depth`` levels
+    below ``root``, sorted."""
+    root = Path(root)
+    found = []
+    for current, dirs, files in os.walk(root):
+        depth = len(Path(current).relative_to(root).parts)
+        if depth >= max_depth:
+            dirs.clear()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "config.yaml" in files and read_run_folder(current) is not None:
+            found.append(Path(current))
+            dirs.clear()  # a run folder holds no runs
+    return sorted(found)
+
+
+def forget_missing(registry: Registry) -> list[str]:
+    """Drop the runs whose folders are gone from the index; returns their paths."""
+    gone = [r["path"] for r in registry.runs() if read_run_folder(r["path"]) is None]
+    registry.forget_runs(gone)
+    return gone
