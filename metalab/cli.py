@@ -143,9 +143,9 @@ def train(
                           check_eval=evaluate_after)
     if trainer.splits is not None:
         console.print(f"[bold]split:[/] {escape(trainer.splits.description)}")
-    _index_run(run_dir, training=True)
+    _index_run(run_dir)
     result = trainer.train()
-    _index_run(result.run_dir, training=False)
+    _index_run(result.run_dir)
     _exit_if_interrupted(result, cfg)
     validating = f", {result.validation_seconds:.0f} s of it validating" if result.validation_seconds >= 1 else ""
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s{validating} (stopped by {result.stopped_by}); "
@@ -187,9 +187,9 @@ def _train_rl(cfg, run_dir: Path, resume: bool, progress: bool, evaluate_after: 
     from metalab.rl.trainer import RLTrainer, evaluate_rl_run
 
     trainer = RLTrainer(cfg, run_dir, resume=resume, show_progress=progress, log=console.print)
-    _index_run(run_dir, training=True)
+    _index_run(run_dir)
     result = trainer.train()
-    _index_run(result.run_dir, training=False)
+    _index_run(result.run_dir)
     _exit_if_interrupted(result, cfg)
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s (stopped by {result.stopped_by}); run folder: {result.run_dir}")
     if evaluate_after:
@@ -476,9 +476,9 @@ def serve(
                announce=lambda line: print(line, flush=True))
 
 
-def _index_run(path, training: bool | None = None) -> None:
-    """Add the run to the registry's index of runs (rank 0 only; ``training`` as in ``index_run``). The
-    run folder is the record: an index that cannot be written costs a note, never the run."""
+def _index_run(path) -> None:
+    """Add the run to the registry's index of runs, or refresh it (rank 0 only). The run folder is
+    the record: an index that cannot be written costs a note, never the run."""
     import sqlite3
 
     from metalab.store import Registry, default_registry_path
@@ -488,7 +488,7 @@ def _index_run(path, training: bool | None = None) -> None:
         return
     registry = default_registry_path()
     try:
-        index_run(Registry(registry), path, training)
+        index_run(Registry(registry), path)
     except (MetalabError, sqlite3.Error, OSError) as exc:
         if not getattr(_index_run, "warned", False):  # once per command
             _index_run.warned = True

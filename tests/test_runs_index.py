@@ -8,10 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from metalab.store import Registry
-from metalab.store.runs import index_run, list_runs
+from metalab.store.runs import list_runs
 
 
 def metalab(*args, home, cwd=None):
@@ -68,55 +67,71 @@ def test_train_and_eval_index_their_runs_and_runs_lists_them_as_their_folders_ar
     assert out.returncode == 0 and "dropped 1 run" in out.stderr and "sine" not in out.stdout
 
 
-def test_scan_adds_run_folders_made_elsewhere_and_refuses_a_file(tmp_path):
+def test_an_index_that_cannot_be_written_costs_a_note_not_the_run_and_scan_adds_it_later(tmp_path):
     made = tmp_path / "made"
-    assert metalab("train", *SINUSOID, "--steps", "3", "--no-eval", "--out", str(made / "a" / "r1"),
-                   home=tmp_path / "other-home").returncode == 0
+    unwritable = tmp_path / "home-is-a-file"
+    unwritable.write_text("")
+    out = metalab("train", *SINUSOID, "--steps", "3", "--out", str(made / "a" / "r1"), home=unwritable)
+    assert out.returncode == 0, out.stderr
+    assert (made / "a" / "r1" / "checkpoint-0000003.safetensors").exists() and (made / "a" / "r1" / "eval.json").exists()
+    note = " ".join(out.stderr.split())
+    assert note.count("note: the run was not added to the registry's index") == 1  # once, not at every write
+    assert f"`metalab runs --scan {made / 'a'}`" in note
+
+    # the folder is whole: a writable registry takes it in, with copies and without what is not a run
     shutil.copytree(made / "a" / "r1", made / "b" / "r2")
     (made / "notes").mkdir()
     (made / "notes" / "config.yaml").write_text("just: a file\n")  # not a run's config
     home = tmp_path / "home"
     out = metalab("runs", "--scan", str(made), "--json", home=home)
     assert out.returncode == 0 and "indexed 2 run folders" in out.stderr, out.stderr
-    assert {os.path.basename(json.loads(line)["path"]) for line in out.stdout.splitlines()} == {"r1", "r2"}
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(os.path.basename(r["path"]) for r in rows) == ["r1", "r2"] and {r["status"] for r in rows} == {"done"}
     out = metalab("runs", "--scan", str(made / "notes" / "config.yaml"), home=home)
     assert out.returncode == 2 and "is not a folder; pass the folder that holds your run folders" in " ".join(out.stderr.split())
 
 
-def test_a_run_in_training_shows_as_such_until_its_process_is_gone(tmp_path):
-    home = tmp_path / "home"
+def test_one_process_trains_a_run_at_a_time_and_runs_shows_it_training_until_it_is_gone(tmp_path):
+    home, run = tmp_path / "home", tmp_path / "run"
     assert metalab("train", *SINUSOID, "--steps", "4", "--set", "train.checkpoint_every=2", "--no-eval",
-                   "--out", str(tmp_path / "run"), home=home).returncode == 0
-    (tmp_path / "run" / "checkpoint-0000004.safetensors").unlink()  # as if training were at step 2 of 4
-    # a process that indexes the run as its own training, as `metalab train` does, then waits
-    code = ("import sys, time; from metalab.store import Registry; from metalab.store.runs import index_run; "
-            "index_run(Registry(sys.argv[1]), sys.argv[2], training=True); print('indexed', flush=True); time.sleep(60)")
-    trainer = subprocess.Popen([sys.executable, "-c", code, str(home / "registry.sqlite"), str(tmp_path / "run")],
-                               stdout=subprocess.PIPE, text=True)
+                   "--out", str(run), home=home).returncode == 0
+    (run / "checkpoint-0000004.safetensors").unlink()  # as if training had reached step 2 of 4
+    # a process holding the run's training lock, as a trainer does from opening the folder until it stops
+    code = ("import sys, time; from metalab.engine.run import RunFolder; r = RunFolder(sys.argv[1]); r.lock(); "
+            "print('locked', flush=True); time.sleep(60)")
+    trainer = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     try:
-        assert trainer.stdout.readline().strip() == "indexed"
+        assert trainer.stdout.readline().strip() == "locked"
         registry = Registry(home / "registry.sqlite")
         assert [r.status for r in list_runs(registry)] == ["training"]
-        index_run(registry, tmp_path / "run")  # a scan or an eval meanwhile keeps the process
-        assert [r.status for r in list_runs(registry)] == ["training"]
+        out = metalab("train", "--resume", str(run), "--no-progress", home=home)  # a second trainer is refused
+        message = " ".join(out.stderr.split())
+        assert out.returncode == 2 and f"Run folder '{run}' is being trained by another process (pid {trainer.pid}); wait" in message
+        metrics = (run / "metrics.jsonl").read_text()
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0000002.safetensors"]
+        assert (run / "metrics.jsonl").read_text() == metrics  # it wrote nothing
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(timeout=30)
-    deadline = time.time() + 10
-    while list_runs(registry)[0].status == "training" and time.time() < deadline:
-        time.sleep(0.1)
-    assert [r.status for r in list_runs(registry)] == ["stopped"]  # killed at step 2 of 4
+    assert [r.status for r in list_runs(registry)] == ["stopped"]  # killed at step 2 of 4: the lock died with it
+    out = metalab("train", "--resume", str(run), "--no-progress", "--no-eval", home=home)
+    assert out.returncode == 0 and "Resuming" in out.stdout, out.stderr
+    assert [r.status for r in list_runs(registry)] == ["done"]
 
 
-def test_an_index_that_cannot_be_written_costs_a_note_not_the_run(tmp_path):
-    home = tmp_path / "home-is-a-file"
-    home.write_text("")
+def test_a_new_run_waits_for_the_lock_before_writing_its_config(tmp_path):
+    """Two runs started into one folder at once: the one that takes the lock second must not write
+    its config.yaml over the first's (here the first is a process holding the lock of the empty folder)."""
     run = tmp_path / "run"
-    out = metalab("train", *SINUSOID, "--steps", "3", "--out", str(run), home=home)
-    assert out.returncode == 0, out.stderr
-    assert (run / "checkpoint-0000003.safetensors").exists() and (run / "eval.json").exists()
-    note = " ".join(out.stderr.split())
-    assert note.count("note: the run was not added to the registry's index") == 1  # once, not at every step
-    assert f"`metalab runs --scan {tmp_path}`" in note
-    # the folder is whole: a writable registry takes it in later
-    assert listed(tmp_path / "home", "--scan", str(tmp_path))["run"]["status"] == "done"
+    run.mkdir()
+    code = ("import sys, time; from metalab.store import run_lock; run_lock.acquire(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = metalab("train", *SINUSOID, "--steps", "3", "--out", str(run), home=tmp_path / "home")
+        assert out.returncode == 2 and "is being trained by another process" in " ".join(out.stderr.split())
+        assert not (run / "config.yaml").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)

@@ -11,6 +11,7 @@ from pathlib import Path
 from metalab.engine.checkpoint import list_checkpoints
 from metalab.engine.config import RunConfig
 from metalab.errors import CheckpointError, ConfigError
+from metalab.store import run_lock
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -27,6 +28,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock: int | None = None
 
     @property
     def config_path(self) -> Path:
@@ -44,14 +46,41 @@ class RunFolder:
         return self.path / f"checkpoint-{step:07d}.safetensors"
 
     @classmethod
-    def create(cls, path: str | Path, config: RunConfig) -> "RunFolder":
-        """A new run folder holding ``config``; refuses a folder that already holds a run."""
+    def create(cls, path: str | Path, config: RunConfig, lock: bool = False) -> "RunFolder":
+        """A new run folder holding ``config``; refuses a folder that already holds a run. ``lock``:
+        take the training lock first (:meth:`lock`), so two runs started at once into one folder
+        cannot both write it."""
         run = cls(path)
         if run.config_path.exists():
             raise ConfigError(f"Run folder '{run.path}' already holds a run; pass --resume to continue it or choose another folder.")
         run.path.mkdir(parents=True, exist_ok=True)
+        if lock:
+            run.lock()
+            if run.config_path.exists():  # the other process got here first
+                run.unlock()
+                raise ConfigError(f"Run folder '{run.path}' already holds a run; pass --resume to continue it or choose another folder.")
         write_text_atomic(run.config_path, _yaml(config))
         return run
+
+    def lock(self) -> None:
+        """Hold the folder's training lock until :meth:`unlock` or the end of the process; refuses,
+        naming the holder, while another process trains this run."""
+        if self._lock is not None:
+            return
+        try:
+            self._lock = run_lock.acquire(self.path)
+        except BlockingIOError as exc:
+            who = f" (pid {exc.pid})" if getattr(exc, "pid", 0) else ""
+            raise ConfigError(f"Run folder '{self.path}' is being trained by another process{who}; wait for it to end or "
+                              "stop it before resuming, or train into another --out folder.") from None
+
+    def unlock(self) -> None:
+        run_lock.release(self._lock)
+        self._lock = None
+
+    def __del__(self) -> None:  # e.g. a trainer whose set-up failed after taking the lock
+        if getattr(self, "_lock", None) is not None:
+            self.unlock()
 
     @classmethod
     def open(cls, path: str | Path) -> "RunFolder":

@@ -216,8 +216,10 @@ class MetaTrainer:
             broadcast_parameters(self.algorithm, self.dist)
         if resume:
             self.run = RunFolder.open(run_dir)
+            if self.dist.is_main:  # one process trains a run at a time (rank 0 holds the lock for its group)
+                self.run.lock()
         else:  # rank 0 creates the folder; the others open it once it exists
-            self.run = RunFolder.create(run_dir, config) if self.dist.is_main else None
+            self.run = RunFolder.create(run_dir, config, lock=True) if self.dist.is_main else None
             barrier(self.dist)
             self.run = self.run or RunFolder.open(run_dir)
         if not any(p.requires_grad for p in self.algorithm.parameters()):
@@ -290,6 +292,14 @@ class MetaTrainer:
         return {"val_acc": res.mean, "val_ci95": res.ci95, "val_setting": f"{ways}w{shots}s"}
 
     def train(self) -> TrainResult:
+        """Meta-train to ``train.steps`` (or the time budget, or Ctrl-C); the run folder's training
+        lock is given back at the end, however training ends."""
+        try:
+            return self._train()
+        finally:
+            self.run.unlock()
+
+    def _train(self) -> TrainResult:
         t = self.config.train
         clock = time.process_time if t.budget_clock == "cpu" else time.perf_counter
         start = clock()

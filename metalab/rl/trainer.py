@@ -68,7 +68,8 @@ class RLTrainer:
     def __init__(self, config: RunConfig, run_dir: str | Path, resume: bool = False, show_progress: bool = True,
                  log=print) -> None:
         self.config, self.log, self.show_progress = config, log, show_progress
-        self.run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config)
+        self.run = RunFolder.open(run_dir) if resume else RunFolder.create(run_dir, config, lock=True)
+        self.run.lock()  # (one process trains a run at a time; a no-op after create)
         self.family = build_family(config)
         self.policy = build_policy(config, self.family)
         self.learner = build_learner(config, self.policy, self.family)
@@ -98,6 +99,13 @@ class RLTrainer:
         self.run.prune_checkpoints(self.config.train.keep_checkpoints)
 
     def train(self) -> RLTrainResult:
+        """Meta-train the policy; the run folder's training lock is given back at the end."""
+        try:
+            return self._train()
+        finally:
+            self.run.unlock()
+
+    def _train(self) -> RLTrainResult:
         t, r = self.config.train, self.config.rl
         start = time.perf_counter()
         step, stopped_by = self.start_step, "steps"

@@ -81,8 +81,6 @@ MIGRATIONS: list[tuple[str, str]] = [
             data TEXT NOT NULL,
             created TEXT NOT NULL,
             updated TEXT NOT NULL,
-            host TEXT,
-            pid INTEGER,
             summary TEXT NOT NULL
         );
         CREATE INDEX runs_by_updated ON runs(updated)
@@ -311,19 +309,14 @@ class Registry:
 
     # ---- the index of run folders (metalab.store.runs fills it) --------------------------------
 
-    def upsert_run(self, path: str, name: str, algo: str, data: str, summary: dict,
-                   process: tuple[str, int] | None = None, keep_process: bool = False) -> None:
-        """Index the run folder at ``path`` (absolute), or update its row. ``process``: the (host,
-        pid) training it now; ``None`` once no process is (or, with ``keep_process``, as it was)."""
+    def upsert_run(self, path: str, name: str, algo: str, data: str, summary: dict) -> None:
+        """Index the run folder at ``path`` (absolute), or update its row."""
         now = _now()
-        host, pid = process or (None, None)
-        keep = "runs.host" if keep_process else "excluded.host", "runs.pid" if keep_process else "excluded.pid"
         with self._write() as conn:
-            conn.execute("INSERT INTO runs (path, name, algo, data, created, updated, host, pid, summary) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET name = excluded.name, "
-                         f"algo = excluded.algo, data = excluded.data, updated = excluded.updated, host = {keep[0]}, "
-                         f"pid = {keep[1]}, summary = excluded.summary",
-                         (path, name, algo, data, now, now, host, pid, json.dumps(summary)))
+            conn.execute("INSERT INTO runs (path, name, algo, data, created, updated, summary) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT(path) DO UPDATE SET name = excluded.name, algo = excluded.algo, "
+                         "data = excluded.data, updated = excluded.updated, summary = excluded.summary",
+                         (path, name, algo, data, now, now, json.dumps(summary)))
 
     def runs(self) -> list[dict]:
         """Every indexed run, most recently updated first; ``summary`` as a dict."""

@@ -6,8 +6,9 @@ remembers where the folders are. ``metalab train / eval / demo`` add or update t
 (:func:`list_runs`) reads each folder again, so it shows the folder as it is now. A folder that
 is gone shows as ``missing``, with what the index last saw of it.
 
-The listing reads only small files (YAML, JSON, file names), never a checkpoint, and does not
-load torch, so ``metalab runs`` answers at once.
+The listing reads only small files (YAML, JSON, file names, the newest checkpoint's header),
+never a checkpoint's tensors, and does not load torch, so ``metalab runs`` answers at once. A run
+is ``training`` while a process holds its folder's training lock (:mod:`metalab.store.run_lock`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from metalab.store import run_lock
 from metalab.store.registry import Registry
 
 #: ``RunFolder.checkpoint_path``'s names (read here without loading the engine and torch)
@@ -38,7 +39,7 @@ class RunRow:
     data: str
     steps: int  #: of the newest checkpoint (0: none yet)
     steps_total: int
-    status: str  #: 'training', 'done' (all steps, or the time budget spent), 'stopped' (before either), 'missing'
+    status: str  #: 'training' (a process holds its training lock), 'done' (all steps, or the time budget spent), 'stopped' (before either: Ctrl-C, a crash), 'missing'
     results: list[str]  #: e.g. ['5w1s 94.09 ± 0.51', …], from eval.json
     evaluated_step: int | None
     modified: str  #: when the folder was last written (config, newest checkpoint, eval.json), UTC
@@ -130,46 +131,21 @@ def read_run_folder(path: str | Path) -> dict | None:
             "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(modified))}
 
 
-def index_run(registry: Registry, path: str | Path, training: bool | None = None) -> None:
-    """Add the run folder at ``path`` to the index, or refresh its row. ``training``: ``True`` when
-    this process is about to train it (its host and pid are kept), ``False`` when it has stopped,
-    ``None`` (a scan, an evaluation) to leave that as it was."""
+def index_run(registry: Registry, path: str | Path) -> None:
+    """Add the run folder at ``path`` to the index, or refresh its row (a folder that is not a
+    run's is left out)."""
     folder = Path(path).resolve()
     seen = read_run_folder(folder)
-    if seen is None:
-        return
-    summary = {k: seen[k] for k in ("steps", "steps_total", "ended", "results", "evaluated_step", "modified")}
-    registry.upsert_run(str(folder), seen["name"], seen["algo"], seen["data"], summary,
-                        process=(socket.gethostname(), os.getpid()) if training else None, keep_process=training is None)
+    if seen is not None:
+        summary = {k: seen[k] for k in ("steps", "steps_total", "ended", "results", "evaluated_step", "modified")}
+        registry.upsert_run(str(folder), seen["name"], seen["algo"], seen["data"], summary)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is still a live metalab process (on Linux a zombie is not, nor another
-    program that took the pid after a crash or a reboot)."""
-    proc = Path(f"/proc/{pid}")
-    if Path("/proc/self").is_dir():
-        try:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            return state not in ("Z", "X") and b"metalab" in (proc / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _status(row: dict, seen: dict | None) -> str:
+def _status(seen: dict | None, folder: str) -> str:
     if seen is None:
         return "missing"
-    here = socket.gethostname()
-    if row["pid"] is not None and row["host"] == here and _alive(row["pid"]):
+    if run_lock.holder(folder) is not None:  # a live process holds the folder's training lock
         return "training"
-    if row["pid"] is not None and row["host"] != here:
-        return f"training on {row['host']}?"  # another machine's process: not checkable from here
     return "done" if seen["ended"] else "stopped"
 
 
@@ -183,7 +159,7 @@ def list_runs(registry: Registry, algo: str | None = None, data: str | None = No
         seen = read_run_folder(row["path"])
         last = seen or {**row["summary"], "name": row["name"], "algo": row["algo"], "data": row["data"]}
         rows.append(RunRow(row["path"], last["name"], last["algo"], last["data"], int(last.get("steps", 0)),
-                           int(last.get("steps_total", 0)), _status(row, seen), list(last.get("results", [])),
+                           int(last.get("steps_total", 0)), _status(seen, row["path"]), list(last.get("results", [])),
                            last.get("evaluated_step"), last.get("modified", row["updated"])))
     return sorted(rows, key=lambda r: r.modified, reverse=True)
 
