@@ -61,7 +61,7 @@ class RLTrainResult:
     run_dir: Path
     steps: int
     seconds: float
-    stopped_by: str
+    stopped_by: str  #: 'steps', 'time_budget' or 'interrupted', as the few-shot trainer's
 
 
 class RLTrainer:
@@ -115,7 +115,7 @@ class RLTrainer:
             bar.advance(step)
             while step < t.steps:
                 if t.time_budget is not None and elapsed() >= t.time_budget:
-                    stopped_by = "time budget"
+                    stopped_by = "time_budget"
                     break
                 if stop.requested:  # Ctrl-C: between steps, where the weights are whole
                     stopped_by = "interrupted"
