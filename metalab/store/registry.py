@@ -152,7 +152,11 @@ class Registry:
             raise ConfigError(f"Registry folder '{self.path.parent}' cannot be created ({exc.strerror}); pass --db with a writable path.") from None
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._migrate()
+        try:
+            self._migrate()
+        except sqlite3.OperationalError as exc:  # read-only file or folder, disk full, locked for over 30 s
+            raise ConfigError(f"Registry '{self.path}' cannot be written ({exc}); pass --db with a writable path "
+                              "(or set METALAB_HOME).") from None
 
     # ---- connections and transactions ----------------------------------------------------------
 
