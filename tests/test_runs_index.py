@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from metalab.store import Registry
 from metalab.store.runs import list_runs
 
@@ -135,3 +137,18 @@ def test_a_new_run_waits_for_the_lock_before_writing_its_config(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
+
+
+def test_the_lock_within_one_process_names_the_other_trainer_and_is_given_back(tmp_path):
+    from metalab.engine.run import RunFolder
+    from metalab.errors import ConfigError
+
+    first = RunFolder(tmp_path)
+    first.lock()
+    with pytest.raises(ConfigError, match=r"is held by another trainer in this process; let its train\(\) finish, or drop it"):
+        RunFolder(tmp_path).lock()
+    first.unlock()
+    second = RunFolder(tmp_path)
+    second.lock()  # given back by unlock
+    del second  # and by dropping the folder object (a trainer whose set-up failed)
+    RunFolder(tmp_path).lock()

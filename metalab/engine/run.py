@@ -70,7 +70,11 @@ class RunFolder:
         try:
             self._lock = run_lock.acquire(self.path)
         except BlockingIOError as exc:
-            who = f" (pid {exc.pid})" if getattr(exc, "pid", 0) else ""
+            pid = getattr(exc, "pid", 0)
+            if pid == os.getpid():  # (the Python API: a trainer made earlier and not yet trained or dropped)
+                raise ConfigError(f"Run folder '{self.path}' is held by another trainer in this process; let its train() "
+                                  "finish, or drop it, before making a new one for this folder.") from None
+            who = f" (pid {pid})" if pid else ""
             raise ConfigError(f"Run folder '{self.path}' is being trained by another process{who}; wait for it to end or "
                               "stop it before resuming, or train into another --out folder.") from None
 
