@@ -45,7 +45,8 @@ def test_train_and_eval_index_their_runs_and_runs_lists_them_as_their_folders_ar
     assert list(runs) == ["budget", "sine"]  # the most recently written first
     sine, budget = runs["sine"], runs["budget"]
     assert (sine["algo"], sine["data"], sine["steps"], sine["steps_total"], sine["status"]) == ("maml", "sinusoid", 6, 6, "done")
-    assert sine["results"][0].startswith("5-shot 1 steps MSE ") and sine["evaluated_step"] == 6
+    assert sine["results"][0].startswith("5-shot MSE ") and sine["results"][0].endswith(" (steps: 1)")
+    assert sine["evaluated_step"] == 6
     assert budget["status"] == "done" and 0 < budget["steps"] < 100000 and budget["results"] == []
 
     out = metalab("train", *SINUSOID, "--steps", "10", "--set", "train.checkpoint_every=5", "--no-eval",
@@ -56,7 +57,7 @@ def test_train_and_eval_index_their_runs_and_runs_lists_them_as_their_folders_ar
 
     # eval refreshes the figures; the table shows them; --algo / --data filter
     assert metalab("eval", str(tmp_path / "budget"), "--episodes", "5", "--no-progress", home=home).returncode == 0
-    assert listed(home)["budget"]["results"][0].startswith("5-shot 1 steps MSE ")
+    assert listed(home)["budget"]["results"][0].startswith("5-shot MSE ")
     table = metalab("runs", home=home).stdout
     assert "budget" in table and "done" in table and "stopped" in table and "MSE" in table
     assert listed(home, "--algo", "MAML").keys() == {"budget", "sine", "cut"} and listed(home, "--data", "omniglot") == {}

@@ -70,8 +70,8 @@ def _result_strings(record: dict) -> list[str]:
     for r in record.get("results", []):
         try:
             if r.get("metric") == "mse":
-                steps = "" if r.get("steps") is None else f" {r['steps']} steps"
-                out.append(f"{r['shots']}-shot{steps} MSE {r['mean']:.4f} ± {r['ci95']:.4f}")
+                steps = "" if r.get("steps") is None else f" (steps: {r['steps']})"
+                out.append(f"{r['shots']}-shot MSE {r['mean']:.4f} ± {r['ci95']:.4f}{steps}")
             else:
                 out.append(f"{r['ways']}w{r['shots']}s {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}")
         except (KeyError, TypeError, ValueError):
@@ -80,7 +80,7 @@ def _result_strings(record: dict) -> list[str]:
         if rows and isinstance(rows, list) and isinstance(rows[-1], dict) and "return" in rows[-1]:
             last = rows[-1]
             out.append(f"{name}: return {last['return']:.2f} ± {last.get('ci95', 0.0):.2f} "
-                       f"after {last.get('adaptation_steps', '?')} steps")
+                       f"(steps: {last.get('adaptation_steps', '?')})")
     return out
 
 
@@ -97,6 +97,11 @@ def _checkpoint_info(path: Path) -> dict:
     except (OSError, ValueError, AttributeError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def _whole(value) -> int:
+    """A count from a config file (0 if a hand edit left something else there)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _mtime(path: Path) -> float:
@@ -117,7 +122,7 @@ def read_run_folder(path: str | Path) -> dict | None:
     train, data, rl = (config.get(k) if isinstance(config.get(k), dict) else {} for k in ("train", "data", "rl"))
     checkpoints = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint-*.safetensors")
                          if (m := _CHECKPOINT.match(p.name)))
-    steps, total, budget = (checkpoints[-1][0] if checkpoints else 0), int(train.get("steps") or 0), train.get("time_budget")
+    steps, total, budget = (checkpoints[-1][0] if checkpoints else 0), _whole(train.get("steps")), train.get("time_budget")
     if checkpoints and steps < total and isinstance(budget, (int, float)):
         ended = float(_checkpoint_info(checkpoints[-1][1]).get("elapsed", 0.0)) >= budget
     else:
