@@ -153,3 +153,5 @@ def test_the_lock_within_one_process_names_the_other_trainer_and_is_given_back(t
     second.lock()  # given back by unlock
     del second  # and by dropping the folder object (a trainer whose set-up failed)
     RunFolder(tmp_path).lock()
+    with pytest.raises(ConfigError, match=r"Run folder '.*gone' cannot be written \(No such file or directory\); copy it"):
+        RunFolder(tmp_path / "gone").lock()  # (as a read-only folder: no lock file can be made)

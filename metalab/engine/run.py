@@ -77,6 +77,9 @@ class RunFolder:
             who = f" (pid {pid})" if pid else ""
             raise ConfigError(f"Run folder '{self.path}' is being trained by another process{who}; wait for it to end or "
                               "stop it before resuming, or train into another --out folder.") from None
+        except OSError as exc:  # a read-only folder (an archived run), or one that is gone
+            raise ConfigError(f"Run folder '{self.path}' cannot be written ({exc.strerror}); copy it to a writable place "
+                              "to train it.") from None
 
     def unlock(self) -> None:
         run_lock.release(self._lock)
