@@ -371,6 +371,7 @@ class MetaTrainer:
                 bar.advance()
         if step % t.checkpoint_every != 0 or step == 0:
             self.save(step, elapsed())
+        barrier(self.dist)  # the last checkpoint is on disk (rank 0 wrote it) before any rank evaluates or resumes from it
         return TrainResult(self.run.path, step, elapsed(), stopped_by, last, validating)
 
     def _observe(self, batch: Episodes) -> None:
