@@ -327,11 +327,6 @@ class Registry:
         rows = self._read("SELECT * FROM runs ORDER BY updated DESC, rowid DESC")
         return [{**dict(r), "summary": json.loads(r["summary"])} for r in rows]
 
-    def run(self, path: str) -> dict | None:
-        """The indexed run at ``path`` (``summary`` as a dict), or ``None``."""
-        rows = self._read("SELECT * FROM runs WHERE path = ?", (path,))
-        return {**dict(rows[0]), "summary": json.loads(rows[0]["summary"])} if rows else None
-
     def forget_runs(self, paths: list[str]) -> int:
         """Drop these runs from the index (their folders are not touched); returns how many."""
         with self._write() as conn:
