@@ -144,7 +144,7 @@ def test_rl_config_errors_name_the_field(raw, message):
 
 
 def test_cli_trains_and_evaluates_a_meta_rl_run(tmp_path):
-    env = {**os.environ, "COLUMNS": "200"}
+    env = {**os.environ, "COLUMNS": "200", "METALAB_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-m", "metalab", "train", "--task", "bandit", "--algo", "fomaml-rl", "--steps", "6",
                           "--meta-batch", "4", "--set", "rl.test_tasks=20", "--set", "rl.eval_steps=2",
                           "--out", str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True, env=env, timeout=240)
@@ -156,6 +156,12 @@ def test_cli_trains_and_evaluates_a_meta_rl_run(tmp_path):
     again = subprocess.run([sys.executable, "-m", "metalab", "eval", str(tmp_path / "run")], capture_output=True, text=True,
                            env=env, timeout=240)
     assert again.returncode == 0 and json.loads((tmp_path / "run" / "eval.json").read_text())["rl"] == record["rl"]
+    listed = subprocess.run([sys.executable, "-m", "metalab", "runs", "--json"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]  # the index of runs: task, status, returns
+    assert (row["algo"], row["data"], row["steps"], row["status"]) == ("fomaml-rl", "bandit", 6, "done"), row
+    last = record["rl"]["fomaml-rl"][-1]
+    assert row["results"][0] == f"fomaml-rl: return {last['return']:.2f} ± {last['ci95']:.2f} (steps: 2)", row
     for command in (["graph", str(tmp_path / "run")], ["serve", "--run", str(tmp_path / "run"), "--port", "0"]):
         wrong = subprocess.run([sys.executable, "-m", "metalab", *command], capture_output=True, text=True, env=env, timeout=120)
         assert wrong.returncode == 2 and "is a meta-RL run" in wrong.stderr, wrong.stderr
