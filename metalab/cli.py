@@ -536,6 +536,9 @@ def runs_(
         for row in rows:
             print(json.dumps(row.as_dict()))
         return
+    if not rows:
+        console.print("no runs match" if algo or data else "no runs indexed")
+        return
     table = Table(title=f"runs in {path}")
     for col in ("run", "algo", "data", "steps", "status", "test results"):
         table.add_column(col, overflow="fold")
@@ -550,8 +553,6 @@ def runs_(
         table.add_row(escape(shown), escape(row.algo), escape(row.data), f"{row.steps}/{row.steps_total}", escape(row.status),
                       escape(results))
     console.print(table)
-    if not rows:
-        console.print("no runs match" if algo or data else "no runs indexed")
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service's tenants (stored hashed in the registry).")
