@@ -504,6 +504,7 @@ def runs_(
     data: Optional[str] = typer.Option(None, help="Only runs whose data (or meta-RL task) contains this text."),
     scan: Optional[Path] = typer.Option(None, help="First add the run folders found under this folder (4 levels down at most)."),
     forget_missing: bool = typer.Option(False, "--forget-missing", help="Drop the runs whose folders are gone from the index (it never touches a folder)."),
+    last: int = typer.Option(0, min=0, help="Only the N most recently written runs (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
     db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite, ~/.metalab/…)."),
 ) -> None:
@@ -531,7 +532,7 @@ def runs_(
     if forget_missing:
         gone = forget(registry)
         err_console.print(f"dropped {len(gone)} run{'s' * (len(gone) != 1)} whose folders are gone", highlight=False)
-    rows = list_runs(registry, algo, data)
+    rows = list_runs(registry, algo, data)[:last or None]
     if as_json:
         for row in rows:
             print(json.dumps(row.as_dict()))

@@ -61,6 +61,7 @@ def test_train_and_eval_index_their_runs_and_runs_lists_them_as_their_folders_ar
     table = metalab("runs", home=home).stdout
     assert "budget" in table and "done" in table and "stopped" in table and "MSE" in table
     assert listed(home, "--algo", "MAML").keys() == {"budget", "sine", "cut"} and listed(home, "--data", "omniglot") == {}
+    assert list(listed(home, "--last", "2")) == ["budget", "cut"]  # (budget: its eval.json is the newest write)
 
     # a folder that is gone shows as missing, with what was last seen, until --forget-missing drops it
     shutil.rmtree(tmp_path / "sine")
