@@ -1,6 +1,6 @@
 """CLINC150 few-shot intent classification with the frozen (and fine-tuned) all-MiniLM-L6-v2.
 
-    python -m benchmarks.clinc150 [--draws 10] [--finetune-draws 10] [--finetune-members 2] [--lexical-weight 0.1]
+    python -m benchmarks.clinc150 [--draws 10] [--finetune-draws 10] [--finetune-members 2] [--lexical-weight 0.1] [--domain-weight 0.25]
                                   [--skip-finetune] [--out benchmarks/results/clinc150.md]
 
 1. All 150 intents at 5 shots per intent (support drawn from CLINC150's train split), scored on
@@ -11,7 +11,9 @@
    n-grams + logistic regression, fitted on the support texts + names only; weight chosen on the
    validation split); then the fine-tuned-encoder route: one fine-tuned encoder, the mean of
    ``--finetune-members`` encoders fine-tuned with different seeds, each also with the lexical
-   classifier. Hyper-parameters (layers, C) were chosen on
+   classifier, and the last also with a domain prior (a logistic head telling the intents' 10
+   domains apart on the same support features; weight and C chosen on the validation split).
+   Hyper-parameters (layers, C) were chosen on
    the validation split. No utterance of the test split is ever in a support set.
    Out-of-scope: the rejection threshold is fitted on the val split + ``oos_val`` (Larson et al.),
    and in-scope accuracy / out-of-scope recall are reported on test + ``oos_test``.
@@ -131,11 +133,15 @@ def _summary(metrics: list[dict]) -> dict:
             "macro_f1": statistics.mean(m["macro_f1"] for m in metrics), "draws": len(accs)}
 
 
-def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log) -> list[tuple[str, dict]]:
+def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, domain_weight: float,
+              log) -> list[tuple[str, dict]]:
     """The fine-tuned-encoder route: per draw, ``members`` copies of the encoder fine-tuned with
     different seeds (draw + 1000 · member) on the support texts + intent names, a logistic head
     on each; rows for one member, the members' mean log-probabilities, and each with the lexical
-    classifier at ``lexical_weight``."""
+    classifier at ``lexical_weight``; and the last of these with a domain prior at
+    ``domain_weight``: a logistic head on the same support features that tells the intents'
+    domains apart (``domains.json``, label metadata like the names; no other texts), whose
+    log-probability of each intent's domain is added to that intent's score."""
     from metalab.models.text_finetune import finetune_encoder
 
     corpus = load_clinc150()
@@ -143,6 +149,7 @@ def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log)
     source = embed_corpus(corpus, encoder)  # only to draw support indices and hold the test texts
     texts = source.meta["per_example"]["text"]
     names = label_name_texts(corpus.class_names)
+    class_domains, domains = corpus.class_domains, len(corpus.domain_names)
     metrics: dict[str, list] = {}
     seconds = []
     for d in range(draws):
@@ -151,17 +158,24 @@ def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log)
         query_texts = [texts[i] for i in queries]
         support_y = torch.cat([source.y[support], torch.arange(150)])
         t = time.perf_counter()
-        member_log_p = []
+        member_log_p, member_domain_log_p = [], []
         for m in range(members):
             tuned = finetune_encoder(encoder, support_texts, support_y, 150, epochs=epochs, lr=1e-4, seed=d + 1000 * m,
                                      progress=False)
-            head = fit_head("logistic", tuned.encode(support_texts), support_y, 150, c=30.0)
-            member_log_p.append(head.scores(tuned.encode(query_texts)).log_softmax(-1))
+            support_z, query_z = tuned.encode(support_texts), tuned.encode(query_texts)
+            head = fit_head("logistic", support_z, support_y, 150, c=30.0)
+            member_log_p.append(head.scores(query_z).log_softmax(-1))
+            # the same support (texts and names) labelled by intent domain: 10 classes of 90 examples each
+            domain_head = fit_head("logistic", support_z, class_domains[support_y], domains, c=30.0)
+            member_domain_log_p.append(domain_head.scores(query_z).log_softmax(-1))
         lex_p = LexicalClassifier().fit(support_texts, support_y, 150).log_probs(query_texts)
         ensemble = torch.stack(member_log_p).mean(0)
+        domain_prior = torch.stack(member_domain_log_p).mean(0)[:, class_domains]  # [Q, 150]: each intent's domain
         variants = {"1": member_log_p[0], "1+lex": combine_log_probs(member_log_p[0], lex_p, lexical_weight)}
         if members > 1:
             variants.update({f"{members}": ensemble, f"{members}+lex": combine_log_probs(ensemble, lex_p, lexical_weight)})
+        top = f"{members}+lex" if members > 1 else "1+lex"
+        variants[f"{top}+domain"] = combine_log_probs(variants[top], domain_prior, domain_weight)
         for key, lp in variants.items():
             metrics.setdefault(key, []).append(
                 classification_metrics(source.y[queries].numpy(), lp.argmax(-1).numpy(), source.class_names))
@@ -173,6 +187,9 @@ def finetuned(draws: int, epochs: int, members: int, lexical_weight: float, log)
     if members > 1:
         several = f"{members} {base.replace('encoder', 'encoders (seeds), mean log-probabilities', 1)}"
         labels.update({f"{members}": several, f"{members}+lex": f"{several} + lexical (weight {lexical_weight})"})
+    top = f"{members}+lex" if members > 1 else "1+lex"
+    labels[f"{top}+domain"] = (f"{labels[top]} + domain prior (a logistic head over the intents' 10 domains on the same "
+                               f"support features, its log-probability of each intent's domain at weight {domain_weight})")
     rows = []
     for key, ms in metrics.items():
         rec = _summary(ms)
@@ -247,6 +264,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--finetune-members", type=int, default=2, help="fine-tuned encoders (seeds) per draw")
     parser.add_argument("--lexical-weight", type=float, default=0.1, help="weight of the lexical classifier's log-probabilities (chosen on val)")
+    parser.add_argument("--domain-weight", type=float, default=0.25, help="weight of the domain prior's log-probabilities (chosen on val)")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--meta-steps", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/clinc150.md"))
@@ -262,7 +280,7 @@ def main() -> None:
     cross = cross_domain(args.meta_steps, log)
     lat = latency(log)
     ft = [] if args.skip_finetune or only else finetuned(args.finetune_draws, args.finetune_epochs, args.finetune_members,
-                                                         args.lexical_weight, log)
+                                                         args.lexical_weight, args.domain_weight, log)
 
     md = [f"# CLINC150 with all-MiniLM-L6-v2 ({start}, {torch.get_num_threads()} CPU threads, torch {torch.__version__})", "",
           *([] if only else ["## All 150 intents, 5 shots each (from the train split), whole in-scope test split (4,500)", ""]),
