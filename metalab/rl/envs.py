@@ -22,12 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, require_extra
+
+require_extra("gymnasium", "Meta-RL (metalab.rl)")
+import gymnasium as gym  # noqa: E402  (after the check, so a missing extra is one clear sentence)
+from gymnasium import spaces  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, require_extra
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -28,6 +28,8 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(run_dir: str | Path, db: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
           rate_limit: float = 200.0, max_body: int | None = None, announce: Callable[[str], None] = print) -> None:
     """Load the run, open the registry, listen, and serve until interrupted (Ctrl-C / SIGTERM)."""
+    require_extra("fastapi", "metalab serve")
+    require_extra("uvicorn", "metalab serve")
     import uvicorn
 
     from metalab.serve import schemas
