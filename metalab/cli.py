@@ -16,9 +16,25 @@ from rich.table import Table
 
 from metalab.errors import ConfigError, MetalabError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="metalab: meta-learning from many small tasks.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+                  help="metalab: meta-learning from many small tasks.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from metalab import __version__
+
+        print(f"metalab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """metalab: meta-learning from many small tasks (`metalab demo` for a first run)."""
 
 
 def _steps(steps: int | None) -> str:
@@ -357,11 +373,16 @@ def adapt(
 
     from metalab.engine.adapter import adapt_from_file, default_threshold
 
-    threshold = oos_threshold if oos_threshold is not None else default_threshold(run, head)
     start = _time.perf_counter()
-    adapter = adapt_from_file(run, support, head, threshold, text_column=text_column, label_column=label_column,
+    adapter = adapt_from_file(run, support, head, oos_threshold, text_column=text_column, label_column=label_column,
                               names_as_examples=names_as_examples, lexical_weight=lexical_weight,
                               finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, seed=seed, progress=True)
+    threshold = oos_threshold
+    if threshold is None:  # the run's own, when it was fitted on tasks like this adapter's
+        threshold = adapter.threshold = default_threshold(run, head, len(adapter.labels))
+        if threshold is None and default_threshold(run, head) is not None:
+            console.print(f"note: out-of-scope detection is off: the run's threshold was fitted on tasks of many more "
+                          f"labels than this adapter's {len(adapter.labels)}; set one with --oos-threshold.")
     path = adapter.save(out)
     console.print(f"adapted to {len(adapter.labels)} labels from {len(adapter.support_y)} examples in "
                   f"{_time.perf_counter() - start:.2f} s (head: {head}; out-of-scope threshold: "
