@@ -162,9 +162,13 @@ def test_colour_image_folders_keep_their_colour(tmp_path):
     assert len(record["results"]) == 1 and record["left_out"] == []
     with pytest.raises(DataError, match=r"^3-way 1-shot needs 3 classes but the test split has 2; lower ways"):
         evaluate_run(tmp_path / "run", [[3, 1]], episodes=4, show_progress=False)  # asked for by name: an error
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    # eval.settings was left to its default, which the run scaled to its 2 test classes and recorded
+    assert config["eval"]["settings"] == [[2, 1], [2, 5]]
+    config["eval"]["settings"] = [[5, 1], [20, 1]]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(DataError, match=r"No evaluation setting fits the test split \(5-way 1-shot needs 5 classes"):
         evaluate_run(tmp_path / "run", episodes=4, show_progress=False)  # the run's own eval.settings, none fits
-    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     config["eval"]["settings"] = [[2, 1], [5, 1]]
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
     record = evaluate_run(tmp_path / "run", episodes=4, show_progress=False)  # those that fit, the others named

@@ -129,6 +129,9 @@ class RunConfig:
         built = {name: _build(klass, raw.get(name) or {}, f"{origin}: {name}") for name, klass in sections.items()}
         cfg = cls(name=str(raw.get("name", "run")), **built)
         cfg.validate()
+        #: the fields the user wrote (``train.queries``, …): the others are defaults, which
+        #: :func:`metalab.engine.small_data.fit_defaults` may scale down to what small data can fill
+        cfg.given = {f"{name}.{key}" for name in sections if isinstance(raw.get(name), dict) for key in raw[name]}
         return cfg
 
     @classmethod

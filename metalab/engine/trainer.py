@@ -36,6 +36,7 @@ from metalab.engine.evaluate import divergence_note, evaluate, evaluate_regressi
 from metalab.engine.interrupt import StopRequest
 from metalab.engine.precision import precision_note, training_precision
 from metalab.engine.progress import progress_bar
+from metalab.engine.small_data import fit_defaults
 from metalab.engine.run import RunFolder
 from metalab.engine.distributed import (all_mean, average_gradients, barrier, broadcast_parameters, check_divisible,
                                         from_main, init_distributed, sync_batch_norm)
@@ -196,6 +197,8 @@ class MetaTrainer:
                                                      {**text_options(d), "progress": self.show_progress}, d.test_domains,
                                                      channels=d.channels, progress=self.show_progress)
             train = self.splits.train
+            if not resume:
+                fit_defaults(config, self.splits, self.log)
             self.planner = TaskPlanner(t.planner, train.num_classes, train.class_domains)
             if t.planner != "uniform" and self.dist.active:
                 raise ConfigError(f"train.planner='{t.planner}' runs in a single process for now (its statistics are not "

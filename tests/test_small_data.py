@@ -1,0 +1,46 @@
+"""Defaults that fit small data, and the out-of-scope threshold a small adapter inherits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import metalab
+from metalab.engine.adapter import default_threshold
+from metalab.errors import DataError
+
+
+def _tiny(per_class: int = 6, classes: int = 12):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(classes).repeat_interleave(per_class)
+    return metalab.from_arrays(torch.randn(classes, 8, generator=g)[y] + 0.1 * torch.randn(len(y), 8, generator=g), y)
+
+
+def test_defaults_scale_down_to_what_the_split_can_fill(tmp_path):
+    notes = []
+    cfg = metalab.RunConfig.from_dict({"train": {"algo": "protonet", "steps": 3, "val_episodes": 2}})
+    splits = metalab.split_by_class(_tiny(), 0.1, 0.3, 0)
+    trainer = metalab.MetaTrainer(cfg, tmp_path / "run", splits=splits, show_progress=False, log=notes.append)
+    trainer.train()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["queries"] == 5 and saved["train"]["ways"] == 5  # 6 examples, 1 shot; 8 train classes
+    assert saved["eval"]["settings"] == [[4, 1], [4, 5]] and saved["eval"]["queries"] == 1
+    assert len(notes) >= 1 and notes[0].startswith("small data: train.queries 15 → 5")
+
+
+def test_fields_the_user_wrote_are_never_changed(tmp_path):
+    cfg = metalab.RunConfig.from_dict({"train": {"algo": "protonet", "steps": 3, "queries": 15}})
+    splits = metalab.split_by_class(_tiny(), 0.1, 0.3, 0)
+    with pytest.raises(DataError, match="examples but 1-shot 15-query episodes need 16"):
+        metalab.MetaTrainer(cfg, tmp_path / "run", splits=splits, show_progress=False, log=lambda _: None).train()
+
+
+def test_a_small_adapter_does_not_inherit_a_many_way_threshold(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps({"full_task": [{"ways": 45, "out_of_scope": {"threshold": -3.5}}]}))
+    assert default_threshold(tmp_path, "algorithm", labels=45) == -3.5
+    assert default_threshold(tmp_path, "algorithm", labels=23) == -3.5
+    assert default_threshold(tmp_path, "algorithm", labels=4) is None
+    assert default_threshold(tmp_path, "algorithm") == -3.5  # (labels unknown: as before)
