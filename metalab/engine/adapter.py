@@ -256,11 +256,14 @@ def run_encoder(config):
     return load_encoder(opts["encoder"], layers=opts["layers"])
 
 
-def default_threshold(run_dir: str | Path, head: str = "algorithm") -> float | None:
+def default_threshold(run_dir: str | Path, head: str = "algorithm", labels: int | None = None) -> float | None:
     """The out-of-scope threshold fitted during the run's evaluation (``eval.json``), if any.
 
     It is a threshold on the *run's own* logits, so it applies only to ``head="algorithm"``;
-    other heads score on another scale and get none unless one is given explicitly."""
+    other heads score on another scale and get none unless one is given explicitly. It was fitted
+    on tasks of all the test classes at once (``ways`` of them): an adapter of ``labels`` labels
+    inherits it only when it has at least half as many (a 2-label adapter's top logit is on
+    another scale than a 45-way task's, and would flag its own examples), else it gets none."""
     import json
 
     if head != "algorithm":
@@ -270,6 +273,8 @@ def default_threshold(run_dir: str | Path, head: str = "algorithm") -> float | N
         return None
     for task in reversed(json.loads(path.read_text()).get("full_task", [])):  # most shots first
         if "out_of_scope" in task:
+            if labels is not None and labels < task.get("ways", 0) / 2:
+                return None
             return float(task["out_of_scope"]["threshold"])
     return None
 

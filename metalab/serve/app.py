@@ -186,7 +186,7 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
         examples = check_examples(body.examples, served.modality)
         labels = check_labels(body.labels, examples)
         examples = served.example_features(decode(examples, served))
-        threshold = body.threshold if body.threshold is not None else served.default_threshold(body.head)
+        threshold = body.threshold if body.threshold is not None else served.default_threshold(body.head, len(labels))
         # fails before anything is written
         adapter = served.fit(labels, body.head, threshold, examples, body.names_as_examples, body.lexical_weight)
         record = registry.create_adapter(who, served.key, body.name, served.modality, body.head, threshold, labels, examples,

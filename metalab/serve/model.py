@@ -109,8 +109,8 @@ class ServedRun:
         return {"run": self.run_dir.name, "modality": self.modality, "algorithm": self.config.train.algo,
                 "input_shape": list(self.example_shape)}
 
-    def default_threshold(self, head: str) -> float | None:
-        return default_threshold(self.run_dir, head) if self.modality == "text" else None
+    def default_threshold(self, head: str, labels: int | None = None) -> float | None:
+        return default_threshold(self.run_dir, head, labels) if self.modality == "text" else None
 
     # ---- inputs → features ---------------------------------------------------------------------
 
