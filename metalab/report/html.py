@@ -117,6 +117,7 @@ def plot_shots(results: list[dict], ways: int, path: Path) -> Path:
     ax.fill_between(shots, mean - ci, mean + ci, alpha=0.25, label="95 % CI")
     ax.set_xscale("log")
     ax.set_xticks(shots, [str(s) for s in shots])
+    ax.xaxis.set_minor_locator(plt.NullLocator())  # no "2 x 10^0" minor labels on the log axis
     ax.set_xlabel("shots (examples per class)")
     ax.set_ylabel(f"{ways}-way accuracy (%)")
     ax.set_title("accuracy vs shots, meta-test classes", fontsize=10)
