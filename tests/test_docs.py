@@ -58,10 +58,10 @@ def test_runnable_block(where, number, language, code, workdir):
     assert "Traceback" not in done.stderr
 
 
-def test_the_python_recipe_learns_and_names_its_labels(workdir):
+def test_the_python_recipe_learns_and_names_its_labels(tmp_path):
     """Recipe 3's claims hold: unseen classes far above chance (20 % at 5 ways), string labels out."""
     block = next(code for where, _, language, code in runnable_blocks() if where == "README.md" and language == "python")
-    done = subprocess.run([sys.executable, "-c", block], cwd=workdir, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     accuracy = float(re.search(r"5-way 1-shot: ([\d.]+) ±", done.stdout).group(1))
     assert accuracy > 60
