@@ -381,3 +381,26 @@ def test_meta_backward_gives_the_gradients_of_meta_loss(algo, clusters):
         assert torch.allclose(a, b, atol=1e-10), k
         checked += int(b.abs().sum() > 0)
     assert checked > 0
+
+
+def test_a_backbone_gets_the_algorithms_normalisation_however_it_was_built():
+    """build_algorithm('maml', Conv4(1)) normalises as `metalab train` builds MAML (batch statistics
+    only), says so, and keeps the learned scales; forward() scores one task."""
+    import warnings as _warnings
+
+    from metalab.models.backbones import BatchStatNorm, Conv4, set_norm
+
+    backbone = Conv4(1, 8, 28)
+    with torch.no_grad():
+        backbone.blocks[0][1].weight.fill_(2.0)
+    with pytest.warns(UserWarning, match="switched the backbone's normalisation to 'task-batch'"):
+        maml = build_algorithm("maml", backbone)
+    assert isinstance(maml.backbone.blocks[0][1], BatchStatNorm) and maml.backbone.norm == "task-batch"
+    assert torch.all(maml.backbone.blocks[0][1].weight == 2.0)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")  # already right: no warning
+        proto = build_algorithm("protonet", Conv4(1, 8, 28, "batch"))
+    assert not set_norm(Conv4(1, 8, 28, "none"), "batch")
+    proto.eval()
+    support, labels = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert proto(support, labels, torch.rand(4, 1, 28, 28)).shape == (4, 3)

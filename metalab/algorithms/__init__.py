@@ -9,6 +9,7 @@ for regression). The context is stored in checkpoints, so a run reloads without 
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,7 @@ from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.r2d2 import R2D2
 from metalab.algorithms.reptile import Reptile
 from metalab.errors import ConfigError
+from metalab.models.backbones import set_norm
 
 _MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner")
 _MAML_HEAD_OPTIONS = _MAML_OPTIONS + ("head", "head_ways")  # MAML and FOMAML only
@@ -135,6 +137,10 @@ def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None,
         _check_option(key, value)
     if spec.needs_classes and not {"num_classes", "class_domains"} <= set(context):
         raise ConfigError(f"Algorithm '{name}' needs the meta-train classes in its context (num_classes, class_domains).")
+    if task == "classification" and set_norm(backbone, spec.norm):
+        warnings.warn(f"build_algorithm('{name}') switched the backbone's normalisation to '{spec.norm}', the one "
+                      f"'{name}' is trained with (as `metalab train` builds it); build the backbone with "
+                      f"norm='{spec.norm}' to silence this.", stacklevel=2)
     return spec.build(backbone, context, **options)
 
 

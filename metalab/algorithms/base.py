@@ -78,6 +78,14 @@ class Algorithm(nn.Module):
     def params(self) -> dict[str, torch.Tensor]:
         return dict(self.named_parameters())
 
+    def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                ways: int | None = None) -> torch.Tensor:
+        """One task, easyfsl-style: adapt to the support ``[N*K, ...]`` with labels ``[N*K]`` in
+        ``0..ways-1`` (default: the largest label + 1) and score the queries ``[M, ...]`` → ``[M, ways]``
+        logits. Training goes through :meth:`meta_loss` / :meth:`meta_backward` instead."""
+        ways = int(support_y.max()) + 1 if ways is None else ways
+        return self.adapt(self.params(), support_x, support_y, ways).logits(query_x)
+
     def encode(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Backbone features ``[B, D]`` of inputs ``[B, ...]`` under ``params``."""
         buffers = dict(self.backbone.named_buffers())

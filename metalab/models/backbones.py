@@ -190,6 +190,7 @@ class Conv4(nn.Module):
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, norm: str = "batch") -> None:
         super().__init__()
+        self.norm = norm  #: 'batch', 'task-batch' or 'none' (see :func:`set_norm`)
         self.blocks = nn.Sequential(*[conv_block(in_channels if i == 0 else hidden, hidden, norm) for i in range(4)])
         side = image_size
         for _ in range(4):
@@ -219,6 +220,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...] = (256, 128), norm: str = "none") -> None:
         super().__init__()
+        self.norm = norm  #: 'batch', 'task-batch' or 'none' (see :func:`set_norm`)
         layers: list[nn.Module] = []
         dims = [in_dim, *hidden]
         for a, b in zip(dims[:-1], dims[1:]):
@@ -233,6 +235,30 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(as_model_input(x).flatten(1))
+
+
+def set_norm(backbone: nn.Module, norm: str) -> bool:
+    """Switch a :class:`Conv4` / :class:`MLP` built with ``norm='batch'`` to ``'task-batch'`` or back,
+    in place, keeping the learned scales and shifts (an algorithm expects one of them: MAML
+    normalises by the current batch, ProtoNet & co. keep running statistics). Returns whether
+    anything changed; a backbone built with ``norm='none'`` has nothing to switch and is left as is."""
+    current = getattr(backbone, "norm", None)
+    if current == norm or {current, norm} != {"batch", "task-batch"}:
+        return False
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d, BatchStatNorm)):
+                channels = child.weight.shape[0]
+                if norm == "task-batch":
+                    new = BatchStatNorm(channels, child.eps)
+                else:
+                    new = (nn.BatchNorm2d if isinstance(backbone, Conv4) else nn.BatchNorm1d)(channels, eps=child.eps)
+                with torch.no_grad():
+                    new.weight.copy_(child.weight)
+                    new.bias.copy_(child.bias)
+                setattr(parent, name, new.to(child.weight.device))
+    backbone.norm = norm
+    return True
 
 
 def build_backbone(name: str, example_shape: tuple[int, ...], hidden: int = 64, norm: str = "batch") -> nn.Module:
