@@ -561,9 +561,11 @@ def runs_(
     if not rows:
         console.print("no runs match" if algo or data else "no runs indexed")
         return
-    table = Table(title=f"runs in {path}")
+    from rich import box
+
+    table = Table(title=f"runs in {path}", box=box.SIMPLE_HEAD)  # (fits 80 columns: figures stay on one line)
     for col in ("run", "algo", "data", "steps", "status", "test results"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "test results")
     for row in rows:
         try:
             shown = str(Path(row.path).relative_to(Path.cwd()))
@@ -572,7 +574,8 @@ def runs_(
         results = "\n".join(row.results) or "-"
         if row.results and row.evaluated_step is not None and row.evaluated_step != row.steps:
             results += f" (at step {row.evaluated_step})"
-        table.add_row(escape(shown), escape(row.algo), escape(row.data), f"{row.steps}/{row.steps_total}", escape(row.status),
+        data = Path(row.data).name if os.sep in row.data else row.data  # a file or folder: its name (--json: the path)
+        table.add_row(escape(shown), escape(row.algo), escape(data), f"{row.steps}/{row.steps_total}", escape(row.status),
                       escape(results))
     console.print(table)
 

@@ -47,6 +47,9 @@ def test_train_and_eval_index_their_runs_and_runs_lists_them_as_their_folders_ar
     assert (sine["algo"], sine["data"], sine["steps"], sine["steps_total"], sine["status"]) == ("maml", "sinusoid", 6, 6, "done")
     assert sine["results"][0].startswith("5-shot MSE ") and sine["results"][0].endswith(" (steps: 1)")
     assert sine["evaluated_step"] == 6
+    figure = sine["figures"][0]  # --json: the figures as numbers too
+    assert figure["metric"] == "mse" and figure["shots"] == 5 and isinstance(figure["mean"], float)
+    assert f"{figure['mean']:.4f}" in sine["results"][0] and figure["episodes"] >= 1
     assert budget["status"] == "done" and 0 < budget["steps"] < 100000 and budget["results"] == []
 
     out = metalab("train", *SINUSOID, "--steps", "10", "--set", "train.checkpoint_every=5", "--no-eval",

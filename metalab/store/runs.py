@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -43,6 +43,9 @@ class RunRow:
     results: list[str]  #: e.g. ['5w1s 94.09 ± 0.51', …], from eval.json
     evaluated_step: int | None
     modified: str  #: when the folder was last written (config, newest checkpoint, eval.json), UTC
+    #: the same figures as numbers, for scripts (``--json``): ``{"ways", "shots", "metric", "mean", "ci95", "episodes"}``
+    #: (accuracy as a fraction, MSE as is; meta-RL: ``{"policy", "metric": "return", "mean", "ci95", "adaptation_steps"}``)
+    figures: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -81,6 +84,22 @@ def _result_strings(record: dict) -> list[str]:
             last = rows[-1]
             out.append(f"{name}: return {last['return']:.2f} ± {last.get('ci95', 0.0):.2f} "
                        f"(steps: {last.get('adaptation_steps', '?')})")
+    return out
+
+
+def _result_figures(record: dict) -> list[dict]:
+    """``eval.json``'s figures as numbers (what ``metalab runs --json`` prints)."""
+    out = []
+    for r in record.get("results", []):
+        if isinstance(r, dict) and isinstance(r.get("mean"), (int, float)):
+            out.append({"ways": r.get("ways"), "shots": r.get("shots"), "metric": r.get("metric", "accuracy"),
+                        "mean": r["mean"], "ci95": r.get("ci95"), "episodes": r.get("episodes"),
+                        **({"steps": r["steps"]} if r.get("metric") == "mse" else {})})
+    for name, rows in (record.get("rl") or {}).items():
+        if rows and isinstance(rows, list) and isinstance(rows[-1], dict) and "return" in rows[-1]:
+            last = rows[-1]
+            out.append({"policy": name, "metric": "return", "mean": last["return"], "ci95": last.get("ci95"),
+                        "adaptation_steps": last.get("adaptation_steps")})
     return out
 
 
@@ -132,6 +151,7 @@ def read_run_folder(path: str | Path) -> dict | None:
     return {"name": str(config.get("name", "run")), "algo": str(train.get("algo", "?")),
             "data": str(rl.get("task") or data.get("source", "?")), "steps": steps, "steps_total": total,
             "ended": ended, "results": _result_strings(record) if record else [],
+            "figures": _result_figures(record) if record else [],
             "evaluated_step": record.get("step") if record else None,
             "modified": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(modified))}
 
@@ -142,7 +162,7 @@ def index_run(registry: Registry, path: str | Path) -> None:
     folder = Path(path).resolve()
     seen = read_run_folder(folder)
     if seen is not None:
-        summary = {k: seen[k] for k in ("steps", "steps_total", "ended", "results", "evaluated_step", "modified")}
+        summary = {k: seen[k] for k in ("steps", "steps_total", "ended", "results", "figures", "evaluated_step", "modified")}
         registry.upsert_run(str(folder), seen["name"], seen["algo"], seen["data"], summary)
 
 
@@ -165,7 +185,7 @@ def list_runs(registry: Registry, algo: str | None = None, data: str | None = No
         last = seen or {**row["summary"], "name": row["name"], "algo": row["algo"], "data": row["data"]}
         rows.append(RunRow(row["path"], last["name"], last["algo"], last["data"], int(last.get("steps", 0)),
                            int(last.get("steps_total", 0)), _status(seen, row["path"]), list(last.get("results", [])),
-                           last.get("evaluated_step"), last.get("modified", row["updated"])))
+                           last.get("evaluated_step"), last.get("modified", row["updated"]), list(last.get("figures", []))))
     return sorted(rows, key=lambda r: r.modified, reverse=True)
 
 
