@@ -217,3 +217,32 @@ def test_report_renders_in_a_headless_browser(omniglot_runs, tmp_path):
     (tmp_path / "report.png").write_bytes(shot)
     std, colours = non_blank(shot)
     assert std > 20 and colours > 50, (std, colours)
+
+
+def test_per_domain_accuracy_carries_a_ci_and_curves_are_in_percent(tmp_path, clusters):
+    """The report's per-domain bars have 95 % intervals; its accuracy curves are in %, from 0 to 100."""
+    from metalab.algorithms import build_algorithm
+    from metalab.models import build_backbone
+    from metalab.report.html import per_class_analysis, plot_learning_curves
+
+    source = clusters  # (an untrained learner on noisy clusters: neither 0 % nor 100 % in a domain)
+    algorithm = build_algorithm("protonet", build_backbone("mlp", (32,), hidden=8, norm="batch"))
+    analysis = per_class_analysis(algorithm, source, episodes=40)
+    assert len(analysis["domain_ci95"]) == source.num_domains
+    assert all(0 <= ci < 0.5 for ci in analysis["domain_ci95"]) and max(analysis["domain_ci95"]) > 0
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        shown.update({ax.get_title(): (ax.get_ylim(), [line.get_ydata() for line in ax.get_lines()]) for ax in fig.axes})
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = capture
+    try:
+        plot_learning_curves({"run": [{"step": 10, "acc": 0.9488, "val_acc": 0.9490, "loss": 0.2}]}, tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    limits, lines = shown["validation accuracy (%)"]
+    assert limits == (0.0, 100.0) and abs(float(lines[0][0]) - 94.90) < 1e-6

@@ -115,12 +115,15 @@ def draw_graph(graph, path: Path, max_classes: int = 300, seed: int = 0) -> Path
     # up to 10 domains: tab10's distinct hues (tab20 pairs each hue with its pale twin: neighbours look alike)
     cmap = plt.get_cmap("tab10" if len(domains) <= 10 else "tab20")
     colours = [cmap(domains.index(graph.nodes[n]["domain"]) % 20) for n in classes]
-    pos = nx.spring_layout(sub, seed=seed, weight="weight")
+    # spread the nodes (k: a larger optimal distance than networkx's 1/sqrt(n)) so labels have room
+    pos = nx.spring_layout(sub, seed=seed, weight="weight", k=2.0 / max(len(classes), 1) ** 0.5, iterations=100)
     fig, ax = plt.subplots(figsize=(8, 6.5))
     nx.draw_networkx_edges(sub, pos, ax=ax, alpha=0.25, width=0.6)
     nx.draw_networkx_nodes(sub, pos, ax=ax, node_color=colours, node_size=28)
-    if len(classes) <= 60:
-        nx.draw_networkx_labels(sub, pos, {n: graph.nodes[n]["label"] for n in classes}, font_size=6, ax=ax)
+    if len(classes) <= 60:  # each label just above its node, on a pale box so crossing edges do not hide it
+        above = {n: (x, y + 0.035) for n, (x, y) in pos.items()}
+        nx.draw_networkx_labels(sub, above, {n: graph.nodes[n]["label"] for n in classes}, font_size=6, ax=ax,
+                                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
     handles = [plt.Line2D([], [], marker="o", ls="", color=cmap(i % 20), label=d) for i, d in enumerate(domains[:20])]
     ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1, 1), title="domain")
     ax.set_title(f"{graph.graph.get('name', '')}: classes joined to their nearest neighbours")

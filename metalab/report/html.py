@@ -92,13 +92,17 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: Path) -> Path | None
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.3), squeeze=False)
     for ax, (key, label) in zip(axes[0], present):
         for name, rows in runs.items():
-            pts = [(r["step"], r[key]) for r in rows if key in r]
+            percent = key in ("acc", "val_acc")  # accuracy in % everywhere in the report
+            pts = [(r["step"], 100 * r[key] if percent else r[key]) for r in rows if key in r]
             if pts:
                 # validation comes every val_every steps (often one point in a short run): mark the points
                 ax.plot(*zip(*pts), label=name, color=colours[name],
                         marker="o" if len(pts) == 1 else "." if key.startswith("val_") else None)
         ax.set_xlabel("step")
-        ax.set_title(label, fontsize=10)
+        if key in ("acc", "val_acc"):
+            ax.set_ylim(0, 100)  # from 0: a ±0.01-point wobble must not look like a trend
+            ax.set_ylabel("%")
+        ax.set_title(label + (" (%)" if key in ("acc", "val_acc") else ""), fontsize=10)
     if len(runs) > 1:  # every run, also one missing from the first panel
         axes[0][0].legend(handles=[Line2D([], [], color=c, label=n) for n, c in colours.items()], fontsize=7)
     fig.tight_layout()
@@ -128,12 +132,15 @@ def plot_shots(results: list[dict], ways: int, path: Path) -> Path:
     return path
 
 
-def plot_domains(names: list[str], accuracy: list[float], path: Path) -> Path:
+def plot_domains(names: list[str], accuracy: list[float], path: Path, ci95: list[float] | None = None) -> Path:
     plt = _plt()
     order = sorted(range(len(names)), key=lambda i: accuracy[i])
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
-    ax.barh([names[i] for i in order], [100 * accuracy[i] for i in order], color="#2f6fde")
-    ax.set_xlabel("query accuracy (%)")
+    errors = [100 * ci95[i] for i in order] if ci95 is not None else None
+    ax.barh([names[i] for i in order], [100 * accuracy[i] for i in order], xerr=errors, color="#2f6fde",
+            error_kw={"ecolor": "#333", "capsize": 2, "lw": 0.8})
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("query accuracy (%)" + (", ± 95 % CI" if ci95 is not None else ""))
     ax.set_title("accuracy per domain (5-way 1-shot episodes)", fontsize=10)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
@@ -178,7 +185,12 @@ def per_class_analysis(algorithm, source, episodes: int, seed: int = 2024, ways:
     acc = correct / total.clamp_min(1)
     dom = source.class_domains
     dom_acc = [float(correct[dom == d].sum() / total[dom == d].sum().clamp_min(1)) for d in range(source.num_domains)]
-    return {"accuracy": acc, "seen": total > 0, "confusion": confusion, "domain_accuracy": dom_acc}
+    # binomial 95 % interval over the domain's queries (queries of one episode are not independent,
+    # so read it as a guide to which gaps are noise)
+    dom_n = [float(total[dom == d].sum()) for d in range(source.num_domains)]
+    dom_ci = [1.96 * (p * (1 - p) / max(n, 1.0)) ** 0.5 for p, n in zip(dom_acc, dom_n)]
+    return {"accuracy": acc, "seen": total > 0, "confusion": confusion, "domain_accuracy": dom_acc,
+            "domain_ci95": dom_ci}
 
 
 # ---- reports ----------------------------------------------------------------------------------------
@@ -269,7 +281,8 @@ def _classification_sections(report: Report, run_path: Path, config, record: dic
                + f"<p class='muted'>{episodes} episodes per point, 95 % CI.{esc(note)}</p>")
 
     analysis = per_class_analysis(algorithm, test, episodes)
-    report.add("Per domain", figure(plot_domains(test.domain_names, analysis["domain_accuracy"], figures / "domains.png"),
+    report.add("Per domain", figure(plot_domains(test.domain_names, analysis["domain_accuracy"], figures / "domains.png",
+                                                    analysis["domain_ci95"]),
                                     "accuracy per domain"))
     acc, seen, confusion = analysis["accuracy"], analysis["seen"], analysis["confusion"].clone()
     confusion.fill_diagonal_(0)
