@@ -282,22 +282,26 @@ def algorithms() -> None:
     """List the algorithms, what they do and the options they accept."""
     from metalab.algorithms import ALGORITHMS, option_defaults
 
-    table = Table(title="algorithms")
-    for col in ("name", "tasks", "options (train.algo_options) = default", "what"):
-        table.add_column(col)
+    from rich import box
+
+    table = Table(title="algorithms (--algo NAME; options: --set train.algo_options.KEY=VALUE)", box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True)
+    table.add_column("tasks", no_wrap=True)
+    table.add_column("what, and options = default")
     for name, spec in ALGORITHMS.items():
         defaults = option_defaults(name, spec.tasks[0])
         regression = option_defaults(name, "regression") if len(spec.tasks) > 1 else defaults
         shown = [f"{key}={_yaml_word(value)}" + (f" (regression {_yaml_word(regression[key])})"
                                                   if regression.get(key) != value else "")
                  for key, value in defaults.items()]
-        table.add_row(name, ", ".join(spec.tasks), escape(", ".join(shown) or "-"), escape(spec.summary))
+        tasks = " + ".join({"classification": "class.", "regression": "regr."}[t] for t in spec.tasks)
+        table.add_row(name, tasks, escape(spec.summary) + (f"\n[dim]{escape(', '.join(shown))}[/dim]" if shown else ""))
     rl = {"maml-rl": "MAML with a policy-gradient inner loop (second order through the inner step)",
           "fomaml-rl": "first-order MAML on policies",
           "reptile-rl": "Reptile on policies (rl.inner_steps PG steps, then move towards them)",
           "pretrained-rl": "baseline: one policy trained on all tasks at once (no meta-learning)"}
     for name, what in rl.items():
-        table.add_row(name, "meta-RL (--task nav2d | bandit)", "rl.* (inner_lr, inner_steps, episodes, …)", what)
+        table.add_row(name, "meta-RL", f"{what} (--task nav2d | bandit)\n[dim]rl.* (inner_lr, inner_steps, episodes, …)[/dim]")
     console.print(table)
 
 
