@@ -119,10 +119,10 @@ def _as_config(config) -> dict:
     if isinstance(config, RunConfig):
         return config.to_dict()
     if isinstance(config, (str, Path)):
-        import yaml
+        from metalab.engine.config import read_config_file
 
         RunConfig.load(Path(config))  # clear errors first
-        return yaml.safe_load(Path(config).read_text()) or {}
+        return read_config_file(Path(config))
     if isinstance(config, dict):
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     raise ConfigError(f"train() takes a dict, a RunConfig or a YAML path as config; got {type(config).__name__}.")

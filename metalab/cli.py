@@ -102,6 +102,7 @@ def train(
     from metalab.data.catalog import is_task_family
     from metalab.engine import MetaTrainer, RunConfig, RunFolder
     from metalab.engine.eval_run import evaluate_run
+    from metalab.engine.config import read_config_file
     from metalab.engine.run import default_run_dir
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
@@ -138,7 +139,7 @@ def train(
         raw = {}
         if config:  # validate the file (clear errors), then start from what it says, so that
             RunConfig.load(config)  # defaults that follow the data (regression) still apply to the rest
-            raw = yaml.safe_load(config.read_text()) or {}
+            raw = read_config_file(config)
         overrides = {k: v for k, v in flags.items() if v is not None}
         for item in set_:
             if "=" not in item:

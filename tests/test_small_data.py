@@ -44,3 +44,23 @@ def test_a_small_adapter_does_not_inherit_a_many_way_threshold(tmp_path):
     assert default_threshold(tmp_path, "algorithm", labels=23) == -3.5
     assert default_threshold(tmp_path, "algorithm", labels=4) is None
     assert default_threshold(tmp_path, "algorithm") == -3.5  # (labels unknown: as before)
+
+
+def test_config_files_that_would_hang_or_garble_are_one_clear_error(tmp_path):
+    """A few hundred bytes of nested YAML aliases expand to gigabytes; non-UTF-8 bytes are not text."""
+    from metalab.errors import ConfigError
+
+    rows = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"{n}: &{n} [{', '.join(['*' + p] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(rows) + "\n")
+    assert bomb.stat().st_size < 500
+    with pytest.raises(ConfigError, match=r"^Config file '.*bomb.yaml' uses a YAML alias"):
+        metalab.RunConfig.load(bomb)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 9\); save it as UTF-8"):
+        metalab.RunConfig.load(latin)
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("name: café\ntrain: {algo: maml}\n", encoding="utf-8")
+    assert metalab.RunConfig.load(fine).name == "café"

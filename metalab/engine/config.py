@@ -15,6 +15,38 @@ from metalab.engine.precision import check_precision
 from metalab.errors import ConfigError
 
 
+#: the largest config file read (a run's config.yaml is about 2 KB)
+MAX_CONFIG_BYTES = 1_000_000
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: a few hundred bytes of nested aliases
+    ("billion laughs") expand to gigabytes; a run config never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise ConfigError("uses a YAML alias (*name); write the values out instead")
+        return super().compose_node(parent, index)
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping in a YAML config file, or a :class:`ConfigError` naming the file and the fix
+    (too large, not UTF-8, not YAML, aliases)."""
+    path = Path(path)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"Config file '{path}' is over {MAX_CONFIG_BYTES // 1000} KB; a run config is a few KB of YAML.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"Config file '{path}' {exc}.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from None
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -141,11 +173,7 @@ class RunConfig:
             raise ConfigError(f"Config file '{path}' does not exist; pass the path of a YAML config.")
         if path.is_dir():
             raise ConfigError(f"Config path '{path}' is a folder; pass a YAML config file (a run's own is RUN/config.yaml).")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML ({exc.__class__.__name__}); fix its syntax.") from None
-        return cls.from_dict(raw, origin=str(path))
+        return cls.from_dict(read_config_file(path), origin=str(path))
 
     def validate(self) -> None:
         t, e = self.train, self.eval
