@@ -217,3 +217,32 @@ def test_default_run_folders_of_runs_started_in_the_same_second_differ(tmp_path,
     second.mkdir()
     assert (first.name, second.name, default_run_dir("proto", tmp_path).name) == (
         "proto-20261130-120000", "proto-20261130-120000-2", "proto-20261130-120000-3")
+
+
+def test_resume_with_every_checkpoint_damaged_refuses_and_changes_nothing(clusters, tmp_path):
+    """It used to empty metrics.jsonl and start again at step 0 (then prune the new good checkpoints)."""
+    from metalab.errors import CheckpointError
+
+    _trainer(clusters, tmp_path / "run").train()
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*.safetensors"))
+    for path in checkpoints:
+        path.write_bytes(path.read_bytes()[:100])  # cut short: none verifies
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(CheckpointError, match=r"Every checkpoint in run folder '.*' is damaged.*nothing was changed"):
+        _trainer(clusters, tmp_path / "run", resume=True)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before and len(before["metrics.jsonl"]) > 0
+
+
+def test_stale_temporary_checkpoints_are_removed_when_training_opens_the_folder(clusters, tmp_path):
+    _trainer(clusters, tmp_path / "run").train()
+    stale = tmp_path / "run" / ".checkpoint-0000050.safetensors.abc123.tmp"  # a writer killed mid-write
+    stale.write_bytes(b"\0" * 4096)
+    _trainer(clusters, tmp_path / "run", resume=True).train()
+    assert not stale.exists() and list_checkpoints(tmp_path / "run")[-1][0] == 40
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ""])
+def test_a_run_name_cannot_leave_the_runs_folder(name):
+    with pytest.raises(ConfigError, match="a run name becomes a folder under runs/"):
+        RunConfig.from_dict({"name": name})

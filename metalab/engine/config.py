@@ -176,6 +176,9 @@ class RunConfig:
         return cls.from_dict(read_config_file(path), origin=str(path))
 
     def validate(self) -> None:
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ConfigError(f"name={self.name!r} is invalid; a run name becomes a folder under runs/, so give one "
+                              "without '/', '\\' or '..' (e.g. 'maml-omniglot').")
         t, e = self.train, self.eval
         positive = {
             "train.steps": t.steps, "train.queries": t.queries, "train.meta_batch": t.meta_batch,

@@ -80,6 +80,8 @@ class RunFolder:
         except OSError as exc:  # a read-only folder (an archived run), or one that is gone
             raise ConfigError(f"Run folder '{self.path}' cannot be written ({exc.strerror}); copy it to a writable place "
                               "to train it.") from None
+        for stale in self.path.glob(".checkpoint-*.safetensors.*.tmp"):  # left by a writer killed mid-write:
+            stale.unlink(missing_ok=True)  # none is being written now, as the lock is ours
 
     def unlock(self) -> None:
         run_lock.release(self._lock)

@@ -29,7 +29,7 @@ from metalab.data.planner import TaskPlanner
 from metalab.data.sampler import EpisodeSampler
 from metalab.data.source import LabelledSource
 from metalab.data.splits import Splits
-from metalab.engine.checkpoint import latest_good_checkpoint, load_checkpoint, save_checkpoint
+from metalab.engine.checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from metalab.engine.cpu_memory import keep_freed_memory
 from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import divergence_note, evaluate, evaluate_regression, none_fits, unfit_settings
@@ -74,6 +74,10 @@ def resume_point(run: RunFolder, log: Callable[[str], None], writer: bool = True
     """The run's last good checkpoint ``(step, path, contents)``; ``None`` (metrics cleared by the
     ``writer``, training restarts from step 0) if it has none."""
     found = latest_good_checkpoint(run.path, warn=log)
+    if found is None and list_checkpoints(run.path):  # every one damaged: refuse, and change nothing
+        raise CheckpointError(f"Every checkpoint in run folder '{run.path}' is damaged, so there is nothing to resume "
+                              "from; nothing was changed. Restore a good copy, or move the checkpoints aside to "
+                              "train it again from step 0.")
     if found is None:
         log(f"No usable checkpoint in '{run.path}'; starting from step 0.")
         if writer:
