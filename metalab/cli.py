@@ -232,6 +232,10 @@ def _assign(raw: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     if parts[0] not in ("data", "train", "eval", "rl", "name"):
         raise ConfigError(f"'{dotted}' does not start with a config section; use data., train., eval. or rl.")
+    if len(parts) == 1 and parts[0] != "name":
+        example = {"data": "image_size=28", "train": "steps=100", "eval": "episodes=600", "rl": "episodes=20"}[dotted]
+        raise ConfigError(f"--set {dotted}=… names a whole section; set one of its fields, e.g. --set {dotted}.{example} "
+                          "(`metalab train --help` and the docs list them).")
     node = raw
     for p in parts[:-1]:
         if node.get(p) is None:  # absent, or an empty section in the YAML file
@@ -489,7 +493,7 @@ def serve(
     run: Path = typer.Option(..., "--run", help="Trained run folder (text, image or .npz arrays) to serve."),
     db: Optional[Path] = typer.Option(None, help="Registry file (default $METALAB_HOME/registry.sqlite, ~/.metalab/…)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(8000, help="Port (0: any free port, printed at start)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     rate_limit: float = typer.Option(200.0, help="Requests/s per tenant (bursts of twice that); 0 turns the limit off."),
     max_body: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes (413 above)."),

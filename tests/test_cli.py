@@ -149,3 +149,16 @@ def test_ctrl_c_stops_training_between_steps_and_keeps_a_checkpoint(tmp_path):
     from metalab.engine.checkpoint import latest_good_checkpoint
 
     assert latest_good_checkpoint(run)[0] == step  # whole: it verifies, and resume would start there
+
+
+def test_three_inputs_that_ended_in_a_traceback_are_one_line(tmp_path):
+    """--set on a whole section, --out naming a file, a port out of range."""
+    (tmp_path / "afile").write_text("x")
+    for args, said in [(["train", "--set", "eval=5", "--no-progress"], "--set eval=… names a whole section; set one of its "
+                                                                       "fields, e.g. --set eval.episodes=600"),
+                       (["train", "--data", "sinusoid", "--algo", "maml", "--steps", "2", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
+                       (["serve", "--run", str(tmp_path), "--port", "99999"], "Invalid value for '--port'")]:
+        done = subprocess.run([sys.executable, "-m", "metalab", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert said in " ".join(done.stderr.split()), done.stderr
+    assert (tmp_path / "afile").read_text() == "x"

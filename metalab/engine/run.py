@@ -51,6 +51,8 @@ class RunFolder:
         take the training lock first (:meth:`lock`), so two runs started at once into one folder
         cannot both write it."""
         run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise ConfigError(f"'{run.path}' is a file, not a folder; give --out a folder name for the run (e.g. runs/my-run).")
         if run.config_path.exists():
             raise ConfigError(f"Run folder '{run.path}' already holds a run; pass --resume to continue it or choose another folder.")
         run.path.mkdir(parents=True, exist_ok=True)
