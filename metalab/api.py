@@ -16,7 +16,6 @@ that ``metalab runs`` lists.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +29,7 @@ from metalab.engine.adapter import Adapter, default_threshold, run_encoder
 from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import EvalResult, evaluate
 from metalab.errors import ConfigError, DataError
+from metalab.store.runs import index_run_here
 
 
 class Run:
@@ -160,22 +160,8 @@ def train(config=None, *, data: LabelledSource | None = None, out: str | Path | 
     trainer = MetaTrainer(cfg, run_dir, splits=splits, resume=resume, show_progress=progress,
                           log=(lambda line: print(line, file=sys.stderr)) if progress else (lambda *_: None))
     result = trainer.train()
-    _index(result.run_dir)
+    index_run_here(result.run_dir)  # (an index that cannot be written is no error: the folder is the record)
     trainer.algorithm.eval()
     return Run(result.run_dir, cfg, trainer.algorithm, trainer.splits, str(trainer.device))
 
 
-def _index(path: Path) -> None:
-    """Add the run to the registry's index (as the CLI does); a registry that cannot be written is skipped."""
-    import sqlite3
-
-    from metalab.errors import MetalabError
-    from metalab.store import Registry, default_registry_path
-    from metalab.store.runs import index_run
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    try:
-        index_run(Registry(default_registry_path()), path)
-    except (MetalabError, sqlite3.Error, OSError):
-        pass

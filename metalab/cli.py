@@ -509,23 +509,14 @@ def serve(
 def _index_run(path) -> None:
     """Add the run to the registry's index of runs, or refresh it (rank 0 only). The run folder is
     the record: an index that cannot be written costs a note, never the run."""
-    import sqlite3
+    from metalab.store.runs import index_run_here
 
-    from metalab.store import Registry, default_registry_path
-    from metalab.store.runs import index_run
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    registry = default_registry_path()
-    try:
-        index_run(Registry(registry), path)
-    except (MetalabError, sqlite3.Error, OSError) as exc:
-        if not getattr(_index_run, "warned", False):  # once per command
-            _index_run.warned = True
-            why = str(exc).split(";")[0].rstrip(".")  # (its advice, e.g. "pass --db", is for other commands)
-            err_console.print(f"note: the run was not added to the registry's index ({escape(why)}); the run folder is "
-                              f"complete. To list it with `metalab runs`, set METALAB_HOME to a writable folder and run "
-                              f"`metalab runs --scan {escape(str(Path(path).parent))}`.", highlight=False)
+    why = index_run_here(path)
+    if why is not None and not getattr(_index_run, "warned", False):  # once per command
+        _index_run.warned = True
+        err_console.print(f"note: the run was not added to the registry's index ({escape(why)}); the run folder is "
+                          f"complete. To list it with `metalab runs`, set METALAB_HOME to a writable folder and run "
+                          f"`metalab runs --scan {escape(str(Path(path).parent))}`.", highlight=False)
 
 
 @app.command("runs")

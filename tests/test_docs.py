@@ -66,6 +66,8 @@ def test_the_python_recipe_learns_and_names_its_labels(tmp_path):
     accuracy = float(re.search(r"5-way 1-shot: ([\d.]+) ±", done.stdout).group(1))
     assert accuracy > 60
     assert "['left', 'left', 'left']" in done.stdout
+    listed = subprocess.run([str(BIN / "metalab"), "runs", "--json"], capture_output=True, text=True, timeout=60)
+    assert str(tmp_path / "runs" / "tensors") in listed.stdout  # a run trained from Python joins the index of runs
 
 
 def test_version_and_short_help():

@@ -166,6 +166,24 @@ def index_run(registry: Registry, path: str | Path) -> None:
         registry.upsert_run(str(folder), seen["name"], seen["algo"], seen["data"], summary)
 
 
+def index_run_here(path: str | Path) -> str | None:
+    """Add the run at ``path`` to the default registry's index (``$METALAB_HOME``; rank 0 only, as
+    `metalab train` and :func:`metalab.train` do). The run folder is the record: an index that cannot
+    be written is no error, and the reason is returned (``None`` when indexed or not rank 0)."""
+    import sqlite3
+
+    from metalab.errors import MetalabError
+    from metalab.store.registry import default_registry_path
+
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        index_run(Registry(default_registry_path()), path)
+    except (MetalabError, sqlite3.Error, OSError) as exc:
+        return str(exc).split(";")[0].rstrip(".")  # (its advice, e.g. "pass --db", is for other commands)
+    return None
+
+
 def _status(seen: dict | None, folder: str) -> str:
     if seen is None:
         return "missing"
