@@ -121,8 +121,9 @@ def _as_config(config) -> dict:
     if isinstance(config, (str, Path)):
         from metalab.engine.config import read_config_file
 
-        RunConfig.load(Path(config))  # clear errors first
-        return read_config_file(Path(config))
+        raw = read_config_file(Path(config))
+        RunConfig.from_dict(raw, origin=str(config))  # errors name the file, before any default is added
+        return raw
     if isinstance(config, dict):
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     raise ConfigError(f"train() takes a dict, a RunConfig or a YAML path as config; got {type(config).__name__}.")
@@ -145,7 +146,6 @@ def train(config=None, *, data: LabelledSource | None = None, out: str | Path | 
         cfg = RunFolder.open(out).config()
     else:
         raw = _as_config(config)
-        splits = None
         if data is not None:
             raw["data"] = {**(raw.get("data") or {}), "source": f"memory:{data.name}"}
         raw.setdefault("name", (raw.get("train") or {}).get("algo", "protonet"))

@@ -64,3 +64,15 @@ def test_config_files_that_would_hang_or_garble_are_one_clear_error(tmp_path):
     fine = tmp_path / "fine.yaml"
     fine.write_text("name: café\ntrain: {algo: maml}\n", encoding="utf-8")
     assert metalab.RunConfig.load(fine).name == "café"
+
+
+def test_train_takes_a_yaml_path_and_names_it_in_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {algo: protonet, stepz: 3}\n")
+    with pytest.raises(metalab.ConfigError, match=r"bad.yaml: train: unknown field\(s\) \['stepz'\]"):
+        metalab.train(bad, data=_tiny(), out=tmp_path / "bad-run", progress=False)
+    good = tmp_path / "good.yaml"
+    good.write_text("train: {algo: protonet, steps: 3, val_episodes: 2}\n")
+    run = metalab.train(good, data=_tiny(), out=tmp_path / "run", progress=False)
+    assert run.config.train.steps == 3 and (tmp_path / "run" / "checkpoint-0000003.safetensors").exists()
+    assert not (tmp_path / "bad-run").exists()
