@@ -15,6 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from metalab.errors import ConfigError, MetalabError
+from metalab.serve.limits import Limits
+
+_LIMITS = Limits()  #: the service's default limits, shown by `metalab serve --help`
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
@@ -495,14 +498,24 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
-    rate_limit: float = typer.Option(200.0, help="Requests/s per tenant (bursts of twice that); 0 turns the limit off."),
-    max_body: int = typer.Option(16 * 1024 * 1024, help="Largest request body in bytes (413 above)."),
+    rate_limit: float = typer.Option(_LIMITS.rate_limit, help="Requests/s per tenant (bursts of twice that); 0 turns the limit off."),
+    max_body: int = typer.Option(_LIMITS.max_body, help="Largest request body in bytes (413 above, before it is read)."),
+    auth_failures: float = typer.Option(_LIMITS.auth_failures, help=f"Failed authentications/s allowed per client address, after a burst of {_LIMITS.auth_burst} (429 above); 0 = off."),
+    max_request_chars: int = typer.Option(_LIMITS.max_request_chars, help="Text characters one request may have encoded (413 above)."),
+    max_request_pixels: int = typer.Option(_LIMITS.max_request_pixels, help="Image pixels one request may have decoded (413 above)."),
+    max_labels: int = typer.Option(_LIMITS.max_labels, help="Labels per adapter, declared or carried by its examples (422 above)."),
+    header_timeout: float = typer.Option(_LIMITS.header_timeout, help="Seconds a client has to send a request's headers (then disconnected)."),
+    body_timeout: float = typer.Option(_LIMITS.body_timeout, help="Seconds a client has to send a request's body (then disconnected)."),
+    max_connections: int = typer.Option(_LIMITS.max_connections, help="Open connections; one more is answered 503 and closed."),
 ) -> None:
     """Serve per-tenant few-shot adapters over HTTP (API + web page at /); keys: `metalab keys create`."""
     from metalab.serve import default_registry_path
     from metalab.serve.server import serve as run_server
 
-    run_server(run, db or default_registry_path(), host, port, device, rate_limit, max_body,
+    limits = _LIMITS.with_(max_body=max_body, rate_limit=rate_limit, auth_failures=auth_failures,
+                    max_request_chars=max_request_chars, max_request_pixels=max_request_pixels, max_labels=max_labels,
+                    header_timeout=header_timeout, body_timeout=body_timeout, max_connections=max_connections)
+    run_server(run, db or default_registry_path(), host, port, device, limits,
                announce=lambda line: print(line, flush=True))
 
 

@@ -28,6 +28,11 @@ class TrainingDiverged(MetalabError):
     """The meta-training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class StorageError(MetalabError, OSError):
+    """A file metalab keeps (the registry, a run folder) cannot be written: disk full, read-only or failing.
+    Nothing was changed; the message names the file and what to free or fix."""
+
+
 class InputError(DataError):
     """One field of a request is invalid; ``field`` names it (``examples.3.image``), the message says why and what to do."""
 

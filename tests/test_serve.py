@@ -27,6 +27,7 @@ from metalab.engine import MetaTrainer, RunConfig
 from metalab.engine.adapter import Adapter
 from metalab.errors import ConfigError, DataError
 from metalab.serve.app import create_app
+from metalab.serve.limits import Limits
 from metalab.serve.model import ServedRun
 from metalab.store.registry import MIGRATIONS, SCHEMA_VERSION, Registry
 from metalab.serve.server import BackgroundServer
@@ -510,6 +511,17 @@ def test_image_run_adapters(tmp_path, omniglot):
             assert bad.status_code == 422 and bad.json()["error"]["field"] == next(iter(option)), bad.text
             assert "text runs only" in bad.json()["error"]["message"]
     assert rows(db, "adapters") == 1
+    pixels = pages[0].size  # a per-request budget of 5 images' pixels: counted from the headers, before decoding
+    with BackgroundServer(create_app(tmp_path / "run", db, served=served, limits=Limits(rate_limit=0, max_request_pixels=5 * pixels))) as server, \
+            client(server, key) as c:
+        bad = c.post("/v1/adapters", json={"name": "x", "examples": support})
+        assert bad.status_code == 413 and bad.json()["error"]["code"] == "over_budget" and bad.json()["error"]["field"] == "examples"
+        assert f"hold {6 * pixels} pixels, over the per-request budget of {5 * pixels}" in bad.json()["error"]["message"]
+        adapter_id = c.get("/v1/adapters").json()["adapters"][0]["id"]
+        bad = c.post(f"/v1/adapters/{adapter_id}/predict", json={"images": [png(pages[i]) for i in range(6)]})
+        assert bad.status_code == 413 and bad.json()["error"]["field"] == "images"
+        assert c.post(f"/v1/adapters/{adapter_id}/predict", json={"images": [png(pages[i]) for i in range(5)]}).status_code == 200
+    assert rows(db, "adapters") == 1
     x = torch.from_numpy(images[[0, 1, 3, 4, 6, 7]][:, None])
     names = list(dict.fromkeys(f"c{labels[i]}" for i in (0, 1, 3, 4, 6, 7)))
     y = torch.tensor([names.index(f"c{labels[i]}") for i in (0, 1, 3, 4, 6, 7)])
@@ -574,9 +586,11 @@ def test_openapi_spec_describes_what_this_run_accepts(service):
 
 
 def test_schemathesis_finds_no_server_error(service, tmp_path):
+    """Generated requests never get a 5xx, and (ignored_auth) every /v1 operation refuses requests
+    without a key or with a wrong one."""
     server, keys, _ = service
     out = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-                          "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {keys['alice']}",
+                          "--checks", "not_a_server_error,ignored_auth", "-H", f"Authorization: Bearer {keys['alice']}",
                           "--max-examples", "10", "--seed", "1", "--max-time", "45", "--workers", "1",
                           "--request-timeout", "30"], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

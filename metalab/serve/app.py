@@ -10,8 +10,6 @@ rejected request leaves nothing behind.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -20,15 +18,17 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from metalab.errors import InputError, MetalabError
+from metalab.errors import InputError, MetalabError, StorageError
 from metalab.serve import schemas
+from metalab.serve.guard import RequestGuard, json_error
+from metalab.serve.limits import Limits
 from metalab.serve.model import ServedRun
 from metalab.store.registry import Example, Registry, Tenant
 
 log = logging.getLogger("metalab.serve")
 PAGE = Path(__file__).with_name("page.html")
 MODALITIES = ("text", "image", "array")  #: kinds of run; an example carries the field of its kind (requests: plural)
-ERROR_RESPONSES = {code: {"model": schemas.ErrorOut} for code in (401, 404, 409, 413, 422, 429)}
+ERROR_RESPONSES = {code: {"model": schemas.ErrorOut} for code in (401, 404, 409, 413, 422, 429, 503)}
 #: OpenAPI links: the id a create returns feeds the other operations (clients and fuzzers follow them)
 CREATED_LINKS = {201: {"description": "The adapter, stored.", "links": {
     name: {"operationId": op, "parameters": {"adapter_id": "$response.body#/id"}}
@@ -37,77 +37,17 @@ CREATED_LINKS = {201: {"description": "The adapter, stored.", "links": {
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "code": code, "message": message, "field": field}},
-                        status_code=status, headers=headers)
+    return json_error(status, code, message, field, headers)
 
 
-class RateLimiter:
-    """A token bucket per tenant: ``rate`` requests/s on average, bursts up to ``burst``; rate 0 = off."""
-
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.rate, self.burst = rate, burst or max(1.0, 2 * rate)
-        self._buckets: dict[int, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def wait_time(self, tenant_id: int) -> float:
-        """0 if the request may go now (and spend a token), else seconds until it may."""
-        if self.rate <= 0:
-            return 0.0
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(tenant_id, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens < 1:
-                self._buckets[tenant_id] = (tokens, now)
-                return (1 - tokens) / self.rate
-            self._buckets[tenant_id] = (tokens - 1, now)
-            return 0.0
-
-
-class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with 413 before they reach the app (ASGI middleware)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        too_large = error_response(413, "body_too_large", f"The request body is over the {self.max_bytes}-byte limit; "
-                                                          "send fewer or smaller examples per request.")
-        if length is not None:
-            if not length.isdigit():
-                return await error_response(400, "bad_request", "The Content-Length header is not a number.")(scope, receive, send)
-            if int(length) > self.max_bytes:
-                return await too_large(scope, receive, send)
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True  # chunked upload: read it here, up to the limit
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await too_large(scope, receive, send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-
-        async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
-
-        return await self.app(scope, replay, send)
-
-
-def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_limit: float = 200.0,
-               max_body: int = schemas.MAX_BODY_BYTES, served: ServedRun | None = None) -> FastAPI:
-    """The service over ``run_dir`` with adapters in the registry ``db``."""
+def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_limit: float | None = None,
+               max_body: int | None = None, served: ServedRun | None = None, limits: Limits | None = None) -> RequestGuard:
+    """The service over ``run_dir`` with adapters in the registry ``db``, behind its
+    :class:`~metalab.serve.guard.RequestGuard` (``.app`` is the FastAPI app). ``limits`` default to
+    :class:`~metalab.serve.limits.Limits`; ``rate_limit`` and ``max_body`` replace two of them."""
+    limits = (limits or Limits()).with_(rate_limit=rate_limit, max_body=max_body)
     served = served or ServedRun(run_dir, device)
     registry = Registry(db)
-    limiter = RateLimiter(rate_limit)
     app = FastAPI(title="metalab serve", version="1",
                   description="Few-shot adapters per tenant over a meta-trained metalab run. "
                               "Send a few labelled examples, get a personal classifier, predict.")
@@ -132,6 +72,15 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
     async def bad_input(request: Request, exc: InputError):
         return error_response(422, "invalid_input", str(exc), exc.field)
 
+    @app.exception_handler(OverBudget)
+    async def over_budget(request: Request, exc: OverBudget):
+        return error_response(413, "over_budget", str(exc), exc.field)
+
+    @app.exception_handler(StorageError)
+    async def storage_failed(request: Request, exc: StorageError):  # disk full or read-only: the client may retry
+        log.error("registry write failed: %s", exc)
+        return error_response(503, "storage_unavailable", str(exc), headers={"Retry-After": "30"})
+
     @app.exception_handler(MetalabError)
     async def metalab_error(request: Request, exc: MetalabError):
         return error_response(422, "invalid_input", str(exc))
@@ -150,16 +99,10 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
     # ---- auth ----------------------------------------------------------------------------------
 
     def tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Tenant:
-        key = credentials.credentials if credentials else request.headers.get("x-api-key")
-        if not key:
-            raise HTTPException(401, "No API key; send 'Authorization: Bearer <key>' (create one with `metalab keys create TENANT`).")
-        found = registry.tenant_for_key(key)
-        if found is None:
-            raise HTTPException(401, "The API key is unknown or revoked; create one with `metalab keys create TENANT`.")
-        wait = limiter.wait_time(found.id)
-        if wait > 0:
-            raise HTTPException(429, f"Rate limit of {limiter.rate:g} requests/s reached; retry in {wait:.2f} s.",
-                                headers={"Retry-After": str(max(1, round(wait)))})
+        """The tenant the guard authenticated from the headers, before the body was read."""
+        found = request.scope.get("state", {}).get("metalab_tenant")
+        if found is None:  # only reachable when the app runs without its guard
+            raise HTTPException(401, "No valid API key; send 'Authorization: Bearer <key>' (create one with `metalab keys create TENANT`).")
         return found
 
     def owned(adapter_id: str, who: Tenant):
@@ -184,7 +127,8 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
     def create_adapter(body: schemas.AdapterCreate, who: Tenant = Depends(tenant)) -> dict:
         """Adapt the run to a few labelled examples; the adapter and its examples are stored."""
         examples = check_examples(body.examples, served.modality)
-        labels = check_labels(body.labels, examples)
+        labels = check_labels(body.labels, examples, limits.max_labels)
+        check_budget(served, limits, [e.text for e in examples], [e.image for e in examples], "examples")
         examples = served.example_features(decode(examples, served))
         threshold = body.threshold if body.threshold is not None else served.default_threshold(body.head, len(labels))
         # fails before anything is written
@@ -216,8 +160,13 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
         if record.examples + len(body.examples) > schemas.MAX_EXAMPLES_PER_ADAPTER:
             raise InputError("examples", f"Adapter '{adapter_id}' has {record.examples} examples; adding {len(body.examples)} "
                                          f"would pass the limit of {schemas.MAX_EXAMPLES_PER_ADAPTER}; create a new adapter instead.")
-        new = served.example_features(decode(check_examples(body.examples, served.modality), served))
-        labels = record.labels + [l for l in dict.fromkeys(e.label for e in new) if l not in record.labels]
+        checked = check_examples(body.examples, served.modality)
+        labels = record.labels + [l for l in dict.fromkeys(e.label for e in checked) if l not in record.labels]
+        if len(labels) > limits.max_labels:
+            raise InputError("examples", f"Adapter '{adapter_id}' would have {len(labels)} labels with these examples, over "
+                                         f"the limit of {limits.max_labels} (metalab serve --max-labels); create another adapter instead.")
+        check_budget(served, limits, [e.text for e in checked], [e.image for e in checked], "examples")
+        new = served.example_features(decode(checked, served))
         adapter = served.fit(labels, record.head, record.threshold, registry.examples(record.id, record.version) + new,
                              record.names_as_examples, record.lexical_weight)
         updated = registry.add_examples(who, served.key, adapter_id, labels, new, record.version)
@@ -239,11 +188,14 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
             blank = next((i for i, t in enumerate(body.texts) if not t.strip()), None)
             if blank is not None:
                 raise InputError(f"texts.{blank}", f"Field 'texts.{blank}' is blank; send non-empty texts.")
+            check_budget(served, limits, body.texts, None, "texts")
             x = served.features(texts=body.texts)
         elif served.modality == "array":
             x = served.features(arrays=body.arrays)
         else:
-            x = served.features(images=served.decode_images(body.images))
+            images = served.decode_images(body.images)
+            check_budget(served, limits, None, images, "images")
+            x = served.features(images=images)
         adapter = served.adapter(record, registry.examples)
         out = []
         for p in adapter.predict_inputs(x, body.texts):
@@ -259,7 +211,8 @@ def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_li
         return app.openapi_schema
 
     app.openapi = openapi
-    return BodyLimit(app, max_body) if max_body else app
+    app.state.limits = limits
+    return RequestGuard(app, registry, limits)
 
 
 def narrow_spec_to_modality(spec: dict, modality: str) -> dict:
@@ -305,9 +258,35 @@ def check_examples(examples: list[schemas.ExampleIn], modality: str) -> list[sch
     return examples
 
 
-def check_labels(declared: list[str] | None, examples: list[schemas.ExampleIn]) -> list[str]:
-    """The adapter's labels: the declared ones (each with ≥ 1 example), else the examples' labels in order."""
+class OverBudget(InputError):
+    """A request asks for more decoding or encoding work than one request may (413)."""
+
+
+def check_budget(served: ServedRun, limits: Limits, texts: list | None, images: list | None, field: str) -> None:
+    """The request's whole work, before any of it is done: text characters to encode (text runs) and
+    image pixels to decode (image runs, from each image's header), each within its per-request budget."""
+    if served.modality == "text" and texts:
+        chars = sum(len(t or "") for t in texts)
+        if chars > limits.max_request_chars:
+            raise OverBudget(field, f"The request's texts hold {chars} characters, over the per-request budget of "
+                                    f"{limits.max_request_chars} (metalab serve --max-request-chars); send fewer or shorter texts per request.")
+    if served.modality == "image" and images:
+        if images and isinstance(images[0], str):
+            images = served.decode_images(images, field + ".{}.image")
+        pixels = served.image_pixels(images, field + ".{}" + (".image" if field == "examples" else ""))
+        if pixels > limits.max_request_pixels:
+            raise OverBudget(field, f"The request's images hold {pixels} pixels, over the per-request budget of "
+                                    f"{limits.max_request_pixels} (metalab serve --max-request-pixels); send fewer or smaller images per request.")
+
+
+def check_labels(declared: list[str] | None, examples: list[schemas.ExampleIn], max_labels: int = schemas.MAX_LABELS) -> list[str]:
+    """The adapter's labels: the declared ones (each with ≥ 1 example), else the examples' labels in
+    order; at most ``max_labels`` however they arrive."""
     used = list(dict.fromkeys(e.label for e in examples))
+    if len(used) > max_labels or (declared is not None and len(declared) > max_labels):
+        field, count = ("labels", len(declared)) if declared is not None and len(declared) > max_labels else ("examples", len(used))
+        raise InputError(field, f"The request carries {count} labels, over the limit of {max_labels} per adapter "
+                                "(metalab serve --max-labels); split them across adapters.")
     if declared is None:
         if len(used) < 2:
             raise InputError("examples", f"The examples carry {len(used)} label; an adapter needs at least 2 labels.")

@@ -136,22 +136,35 @@ class ServedRun:
                                     "trained on uint8 arrays, so send them as they were stored there.")
         return arr.astype(self.array_dtype).reshape(self.example_shape)
 
-    def _image(self, data: bytes, field: str) -> np.ndarray:
-        channels, size = self.example_shape[0], self.example_shape[-1]
-        unreadable = InputError(field, f"Field '{field}' is not a readable PNG or JPEG image; send base64 of the file's bytes.")
+    @staticmethod
+    def _open_image(data: bytes, field: str) -> Image.Image:
+        """The image's header (nothing decoded yet), checked: PNG or JPEG, within the pixel limit."""
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
-            raise unreadable from None
+            raise InputError(field, f"Field '{field}' is not a readable PNG or JPEG image; send base64 of the file's bytes.") from None
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise InputError(field, f"Field '{field}' is a {img.width}x{img.height} image, over the "
                                     f"{MAX_IMAGE_PIXELS}-pixel limit; send a smaller image.")
         if img.format not in ("PNG", "JPEG"):
             raise InputError(field, f"Field '{field}' is a {img.format} image; send PNG or JPEG.")
+        return img
+
+    def image_pixels(self, images: Sequence[bytes], field: str = "images.{}") -> int:
+        """Pixels the server would decode for these images, from their headers alone."""
+        total = 0
+        for i, data in enumerate(images):
+            img = self._open_image(data, field.format(i))
+            total += img.width * img.height
+        return total
+
+    def _image(self, data: bytes, field: str) -> np.ndarray:
+        channels, size = self.example_shape[0], self.example_shape[-1]
+        img = self._open_image(data, field)
         try:
             arr = image_array(img, size, channels)  # decodes: a truncated file fails here
         except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
-            raise unreadable from None
+            raise InputError(field, f"Field '{field}' is not a readable PNG or JPEG image; send base64 of the file's bytes.") from None
         return ink_high(arr) if channels == 1 else arr  # dark strokes on a light page: ink high, as in training
 
     @staticmethod

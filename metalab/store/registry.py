@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, StorageError
 
 KEY_PREFIX = "mlk_"
 
@@ -154,8 +154,9 @@ class Registry:
         self._write_lock = threading.Lock()
         try:
             self._migrate()
-        except sqlite3.OperationalError as exc:  # read-only file or folder, disk full, locked for over 30 s
-            raise ConfigError(f"Registry '{self.path}' cannot be written ({exc}); pass --db with a writable path "
+        except (sqlite3.OperationalError, StorageError) as exc:  # read-only file or folder, disk full, locked for over 30 s
+            why = getattr(exc, "reason", exc)
+            raise ConfigError(f"Registry '{self.path}' cannot be written ({why}); pass --db with a writable path "
                               "(or set METALAB_HOME).") from None
 
     # ---- connections and transactions ----------------------------------------------------------
@@ -176,19 +177,44 @@ class Registry:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: everything in it lands, or nothing does."""
+        """One write transaction: everything in it lands, or nothing does. A full, read-only or
+        failing disk is a :class:`StorageError` (nothing was written)."""
         conn = self._connect()
         with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:  # (SQLite may have rolled back already, on a full disk)
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise self._storage_error(exc) from None
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        return self._connect().execute(sql, args).fetchall()
+        try:
+            return self._connect().execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise self._storage_error(exc) from None
+
+    def _storage_error(self, exc: sqlite3.OperationalError) -> Exception:
+        """The user's sentence for SQLite's failure: a :class:`StorageError` when the disk is at fault
+        (full, read-only, I/O error, locked too long), else the error itself (a bug, not the disk)."""
+        text = str(exc)
+        disk = ("full", "readonly", "read-only", "disk i/o", "locked", "unable to open", "no such file")
+        if not any(word in text.lower() for word in disk):
+            return exc
+        error = StorageError(f"Registry '{self.path}' cannot be written ({text}); nothing was changed. Free disk space "
+                             "or make the file writable, then retry.")
+        error.reason = text
+        return error
 
     def schema_version(self) -> int:
         conn = self._connect()
