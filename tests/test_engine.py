@@ -246,3 +246,74 @@ def test_stale_temporary_checkpoints_are_removed_when_training_opens_the_folder(
 def test_a_run_name_cannot_leave_the_runs_folder(name):
     with pytest.raises(ConfigError, match="a run name becomes a folder under runs/"):
         RunConfig.from_dict({"name": name})
+
+
+def test_the_checksum_covers_the_metadata_the_loader_trusts(clusters, tmp_path):
+    """Only the tensors used to be checked: a changed step, input shape or optimiser setting loaded as good."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _trainer(clusters, tmp_path / "run").train()
+    path = list_checkpoints(tmp_path / "run")[-1][1]
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "2"
+    for field, change in (("info", lambda v: v.replace('"step": 40', '"step": 41')),
+                          ("optimizer", lambda v: v.replace('"betas": [0.9, 0.999]', '"betas": [0.5, 0.999]'))):
+        altered = {**meta, field: change(meta[field])}
+        assert altered[field] != meta[field]
+        save_file(tensors, str(path), metadata=altered)
+        with pytest.raises(CheckpointError, match="fails its checksum"):
+            load_checkpoint(path)
+    save_file(tensors, str(path), metadata={**meta, "format": "9"})
+    with pytest.raises(CheckpointError, match="has format '9', newer than this metalab's 2"):
+        load_checkpoint(path)
+    save_file(tensors, str(path), metadata=meta)
+    assert load_checkpoint(path)[2]["step"] == 40
+
+
+def test_pruning_never_deletes_the_newest_good_checkpoint(clusters, tmp_path):
+    """Damaged later-numbered files used to count among the kept ones, so pruning deleted the good
+    checkpoint just written and left only damaged ones."""
+    broken = _trainer(clusters, tmp_path / "run", keep_checkpoints=1)
+    original = broken._prepare
+
+    def crash_at(step_to_crash):
+        def prepare(step):
+            if step == step_to_crash:
+                raise Interrupt()
+            return original(step)
+        return prepare
+
+    broken._prepare = crash_at(25)
+    with pytest.raises(Interrupt):
+        broken.train()
+    for step in (30, 40):  # damaged files from an earlier life of the folder
+        (tmp_path / "run" / f"checkpoint-{step:07d}.safetensors").write_bytes(b"\0" * 64)
+    resumed = _trainer(clusters, tmp_path / "run", resume=True, keep_checkpoints=1)
+    assert resumed.start_step == 20
+    resumed._prepare = crash_at(35)  # after checkpoint 30 was written (over the damaged one) and pruning ran
+    with pytest.raises(Interrupt):
+        resumed.train()
+    step, path, _ = latest_good_checkpoint(tmp_path / "run", warn=lambda m: None)
+    assert step == 30 and [s for s, _ in list_checkpoints(tmp_path / "run")] == [30, 40]
+
+
+def test_eval_results_are_added_keyed_by_setting_episodes_and_seed(tmp_path):
+    """`metalab eval RUN --setting 7w2s --episodes 10` used to replace a 600-episode, four-setting eval.json."""
+    from metalab.engine.run import merge_eval
+    from metalab.store.runs import _result_strings
+
+    run = RunFolder.create(tmp_path / "run", RunConfig.from_dict({}))
+    full = {"step": 100, "results": [{"metric": "accuracy", "ways": w, "shots": k, "episodes": 600, "seed": 0, "mean": 0.9,
+                                      "ci95": 0.01, "queries": 15, "steps": None} for w, k in ((5, 1), (5, 5))]}
+    run.write_eval(full)
+    quick = {"step": 120, "results": [{**full["results"][0], "ways": 7, "shots": 2, "episodes": 10, "mean": 0.5}]}
+    held = run.write_eval(quick)
+    assert [(r["ways"], r["shots"], r["episodes"], r["step"]) for r in held["results"]] == [(5, 1, 600, 100), (5, 5, 600, 100), (7, 2, 10, 120)]
+    again = {"step": 130, "results": [{**full["results"][1], "mean": 0.95}, {**full["results"][1], "episodes": 50}]}
+    held = run.write_eval(again)  # the same measurement is replaced where it stood; another episode count is added
+    assert [(r["ways"], r["shots"], r["episodes"], r["step"], r["mean"]) for r in held["results"]] == [
+        (5, 1, 600, 100, 0.9), (5, 5, 600, 130, 0.95), (7, 2, 10, 120, 0.5), (5, 5, 50, 130, 0.9)]
+    assert merge_eval(None, quick)["results"] == [{**quick["results"][0], "step": 120}]
+    assert _result_strings(held)[:3] == ["5w1s 90.00 ± 1.00 (600 ep)", "5w5s 95.00 ± 1.00 (600 ep)", "7w2s 50.00 ± 1.00 (10 ep)"]

@@ -45,7 +45,7 @@ def test_train_and_eval_index_their_runs_and_runs_lists_them_as_their_folders_ar
     assert list(runs) == ["budget", "sine"]  # the most recently written first
     sine, budget = runs["sine"], runs["budget"]
     assert (sine["algo"], sine["data"], sine["steps"], sine["steps_total"], sine["status"]) == ("maml", "sinusoid", 6, 6, "done")
-    assert sine["results"][0].startswith("5-shot MSE ") and sine["results"][0].endswith(" (steps: 1)")
+    assert sine["results"][0].startswith("5-shot MSE ") and sine["results"][0].endswith(" (steps: 1, 10 ep)")
     assert sine["evaluated_step"] == 6
     figure = sine["figures"][0]  # --json: the figures as numbers too
     assert figure["metric"] == "mse" and figure["shots"] == 5 and isinstance(figure["mean"], float)

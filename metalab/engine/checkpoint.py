@@ -1,5 +1,6 @@
 """Checkpoints: one safetensors file with model, optimiser and progress, written atomically and
-verified by a SHA-256 checksum of its tensors when read back."""
+verified by a SHA-256 checksum when read back — of its tensors and of the metadata the loader
+trusts (progress, input shape and type, the optimiser's settings)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ from safetensors.torch import save_file
 from metalab.errors import CheckpointError
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.safetensors$")
+FORMAT = "2"  #: 2: the checksum covers the metadata too (files without ``format`` are version 1: tensors only)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """SHA-256 of the tensors (names, types, shapes, bytes) and, from format 2, of ``metadata``."""
     h = hashlib.sha256()
+    for key in sorted(metadata or {}):
+        h.update(f"meta/{key}={len(metadata[key])}:".encode())
+        h.update(metadata[key].encode())
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         h.update(key.encode())
@@ -58,7 +64,8 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optimizer_
     if optimizer_state is not None:
         optim_tensors, plain_optim = _flatten_optimizer(optimizer_state)
         tensors.update({k: v.detach().cpu().contiguous() for k, v in optim_tensors.items()})
-    meta = {"info": json.dumps(info), "optimizer": json.dumps(plain_optim), "sha256": _digest(tensors)}
+    meta = {"info": json.dumps(info), "optimizer": json.dumps(plain_optim), "format": FORMAT}
+    meta["sha256"] = _digest(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -93,7 +100,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, d
         ) from None
     if "sha256" not in meta or "info" not in meta:
         raise CheckpointError(f"Checkpoint '{path}' was not written by metalab (no checksum); pass a metalab checkpoint.")
-    if _digest(tensors) != meta["sha256"]:
+    fmt = meta.get("format")
+    if fmt not in (None, FORMAT):
+        raise CheckpointError(f"Checkpoint '{path}' has format {fmt!r}, newer than this metalab's {FORMAT}; upgrade metalab to read it.")
+    covered = {k: v for k, v in meta.items() if k != "sha256"} if fmt == FORMAT else None
+    if _digest(tensors, covered) != meta["sha256"]:
         raise CheckpointError(f"Checkpoint '{path}' fails its checksum (the file is corrupt); delete it to fall back to an earlier checkpoint.")
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     plain_optim = json.loads(meta.get("optimizer", "null"))

@@ -1,5 +1,5 @@
 """Evaluate a trained run folder on its meta-test split (or fresh tasks of its task family) and
-record ``eval.json``."""
+add to ``eval.json``."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
     """Score the run's latest good checkpoint on ``split`` for each ``[ways, shots]`` setting
     (regression: each shots × ``eval.adapt_steps``, on fresh tasks of seed ``eval.seed``, or for
     ``split="val"`` of validation's ``eval.seed + 1``); returns the record and, for the test split,
-    writes it to ``eval.json``: mean ± 95 % CI per setting."""
+    adds it to ``eval.json`` (mean ± 95 % CI per setting; a result replaces only the one of the same
+    setting, episodes and seed)."""
     config, algorithm, info = load_trained(run_dir, device)
     d, e = config.data, config.eval
     episodes = e.episodes if episodes is None else episodes
@@ -75,9 +76,10 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
         if source.meta.get("modality") == "text":
             record["full_task"], record["full_task_left_out"] = _text_full_tasks(algorithm, splits, source, e, device, show_progress)
     record["evaluated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    record["results"] = [r.as_dict() for r in results]
+    seed = e.seed if split == "test" or not is_task_family(d.source) else e.seed + 1
+    record["results"] = [{**r.as_dict(), "seed": seed, "step": info["step"]} for r in results]
     if split == "test" and current().is_main:  # under torchrun every rank evaluated its share; rank 0 writes
-        RunFolder.open(run_dir).write_eval(record)
+        RunFolder.open(run_dir).write_eval(record)  # added to what eval.json held: nothing measured before is lost
     return record
 
 

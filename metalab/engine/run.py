@@ -128,12 +128,51 @@ class RunFolder:
         kept = [r for r in self.metrics() if r.get("step", 0) <= step]
         write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def prune_checkpoints(self, keep: int) -> None:
-        for _, path in list_checkpoints(self.path)[:-keep]:
+    def prune_checkpoints(self, keep: int, newest: int | None = None) -> None:
+        """Delete all but the ``keep`` latest checkpoints up to step ``newest`` (the one just written).
+        Later-numbered files (damaged ones a resume skipped) are left alone: training overwrites each
+        when it gets there, so they never push out the newest good checkpoint."""
+        found = [(step, path) for step, path in list_checkpoints(self.path) if newest is None or step <= newest]
+        for _, path in found[:-keep]:
             path.unlink(missing_ok=True)
 
-    def write_eval(self, results: dict) -> None:
-        write_text_atomic(self.eval_path, json.dumps(results, indent=2) + "\n")
+    def write_eval(self, record: dict) -> dict:
+        """Add ``record``'s results to ``eval.json`` and return what it now holds: a result replaces
+        only the one of the same setting, episodes and seed (see :func:`merge_eval`), so evaluating a
+        new setting, or on fewer episodes, never loses the figures already there."""
+        old = None
+        if self.eval_path.exists():
+            try:
+                old = json.loads(self.eval_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                old = None  # a damaged file is replaced (it held nothing readable)
+        merged = merge_eval(old if isinstance(old, dict) else None, record)
+        write_text_atomic(self.eval_path, json.dumps(merged, indent=2) + "\n")
+        return merged
+
+
+def result_key(result: dict) -> tuple:
+    """What makes two evaluation results the same measurement: setting, episodes and seed."""
+    return tuple(result.get(k) for k in ("metric", "ways", "shots", "steps", "episodes", "seed"))
+
+
+def merge_eval(old: dict | None, new: dict) -> dict:
+    """``new`` (the latest evaluation's record), with the results of ``old`` that it did not
+    measure again kept: a result of the same :func:`result_key` is replaced where it stood, others
+    are appended. Each result carries the ``step`` it was measured at."""
+    results = [dict(r, step=r.get("step", old.get("step"))) for r in (old or {}).get("results", []) if isinstance(r, dict)]
+    index = {result_key(r): i for i, r in enumerate(results)}
+    for r in new.get("results", []):
+        r = dict(r, step=r.get("step", new.get("step")))
+        if result_key(r) in index:
+            results[index[result_key(r)]] = r
+        else:
+            index[result_key(r)] = len(results)
+            results.append(r)
+    merged = {**(old or {}), **new}
+    if "results" in new or "results" in (old or {}):
+        merged["results"] = results
+    return merged
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:

@@ -266,7 +266,7 @@ class MetaTrainer:
         state = {**self.algorithm.state_dict(), **{f"{RNG_PREFIX}{k}": v for k, v in rng_state().items()},
                  **(self.planner.state_dict() if self.planner is not None and self.planner.strategy != "uniform" else {})}
         save_checkpoint(path, state, self.optimizer.state_dict(), info)
-        self.run.prune_checkpoints(self.config.train.keep_checkpoints)
+        self.run.prune_checkpoints(self.config.train.keep_checkpoints, newest=step)
         return path
 
     def _prepare(self, step: int) -> Episodes:

@@ -261,7 +261,8 @@ def _classification_sections(report: Report, run_path: Path, config, record: dic
              f"<div class='card'><b>{test.num_classes}</b>meta-test classes ({test.num_domains} domains)</div>"]
     if record:
         for r in record.get("results", [])[:4]:
-            cards.append(f"<div class='card'><b>{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} %</b>{r['ways']}-way {r['shots']}-shot</div>")
+            episodes = f", {r['episodes']} episodes" if isinstance(r.get("episodes"), int) else ""
+            cards.append(f"<div class='card'><b>{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} %</b>{r['ways']}-way {r['shots']}-shot{episodes}</div>")
     report.add("Summary", "".join(cards) + f"<p class='muted'>{esc(splits.description)}</p>")
 
     ways = min(5, test.num_classes)
@@ -374,6 +375,7 @@ def build_comparison(run_dirs: list[str | Path], out: str | Path) -> Path:
         for r in (rec or {}).get("results", []):
             key = (f"{r['ways']}-way {r['shots']}-shot" if r.get("metric", "accuracy") == "accuracy" else
                    f"{r['shots']}-shot MSE, {'default steps' if r.get('steps') is None else _steps_word(r['steps'])}")
+            key += f", {r['episodes']} episodes" if isinstance(r.get("episodes"), int) else ""
             settings += [key] if key not in settings else []
             value = f"{100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}" if r.get("metric", "accuracy") == "accuracy" else f"{r['mean']:.4f} ± {r['ci95']:.4f}"
             cells[(n, key)] = value

@@ -96,7 +96,7 @@ class RLTrainer:
         state = {**self.policy.state_dict(), GENERATOR_KEY: self.generator.get_state()}
         info = {"step": step, "elapsed": elapsed, "algo": self.config.train.algo, "task": self.config.rl.task}
         save_checkpoint(self.run.checkpoint_path(step), state, self.optimizer.state_dict(), info)
-        self.run.prune_checkpoints(self.config.train.keep_checkpoints)
+        self.run.prune_checkpoints(self.config.train.keep_checkpoints, newest=step)
 
     def train(self) -> RLTrainResult:
         """Meta-train the policy; the run folder's training lock is given back at the end."""

@@ -72,11 +72,14 @@ def _result_strings(record: dict) -> list[str]:
     out = []
     for r in record.get("results", []):
         try:
+            episodes = f", {r['episodes']} ep" if isinstance(r.get("episodes"), int) else ""
             if r.get("metric") == "mse":
-                steps = "" if r.get("steps") is None else f" (steps: {r['steps']})"
-                out.append(f"{r['shots']}-shot MSE {r['mean']:.4f} ± {r['ci95']:.4f}{steps}")
+                steps = "" if r.get("steps") is None else f"steps: {r['steps']}"
+                detail = f" ({steps}{episodes})" if steps else (f" ({episodes[2:]})" if episodes else "")
+                out.append(f"{r['shots']}-shot MSE {r['mean']:.4f} ± {r['ci95']:.4f}{detail}")
             else:
-                out.append(f"{r['ways']}w{r['shots']}s {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}")
+                out.append(f"{r['ways']}w{r['shots']}s {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}"
+                           + (f" ({episodes[2:]})" if episodes else ""))
         except (KeyError, TypeError, ValueError):
             continue
     for name, rows in (record.get("rl") or {}).items():
@@ -94,6 +97,7 @@ def _result_figures(record: dict) -> list[dict]:
         if isinstance(r, dict) and isinstance(r.get("mean"), (int, float)):
             out.append({"ways": r.get("ways"), "shots": r.get("shots"), "metric": r.get("metric", "accuracy"),
                         "mean": r["mean"], "ci95": r.get("ci95"), "episodes": r.get("episodes"),
+                        "seed": r.get("seed"), "step": r.get("step"),
                         **({"steps": r["steps"]} if r.get("metric") == "mse" else {})})
     for name, rows in (record.get("rl") or {}).items():
         if rows and isinstance(rows, list) and isinstance(rows[-1], dict) and "return" in rows[-1]:
