@@ -71,6 +71,7 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optimizer_
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        _maybe_die_mid_write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +83,24 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optimizer_
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_writes = 0  #: checkpoints this process has written (for the fault injection below)
+
+
+def _maybe_die_mid_write(tmp: str) -> None:
+    """Fault injection for the fault-tolerance tests (off unless set): with
+    ``METALAB_FAULT_CHECKPOINT=N`` the process dies abruptly (``os._exit``, like ``kill -9``: no
+    clean-up runs) half-way through writing its N-th checkpoint, leaving the temporary file cut short."""
+    global _writes
+    at = os.environ.get("METALAB_FAULT_CHECKPOINT")
+    if not at:
+        return
+    _writes += 1
+    if _writes == int(at):
+        with open(tmp, "r+b") as f:
+            f.truncate(os.path.getsize(tmp) // 2)
+        os._exit(17)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
