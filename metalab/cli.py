@@ -73,8 +73,18 @@ def _parse_settings(settings: list[str] | None) -> list[list[int]] | None:
     return out
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
+def _parse_value(text: str, key: str = "value"):
+    """A ``--set`` value as YAML reads it (``5`` an int, ``[5, 1]`` a list, ``abc`` a string)."""
+    from metalab.engine.config import read_yaml_text
+
+    try:
+        return read_yaml_text(text)
+    except ConfigError as exc:  # an alias
+        raise ConfigError(f"--set {key}={text!r} {exc}.") from None
+    except yaml.YAMLError as exc:
+        problem = (getattr(exc, "problem", None) or str(exc).splitlines()[0]).rstrip(".")
+        raise ConfigError(f"--set {key}={text!r}: the value is not valid YAML ({problem}); write it as YAML, e.g. "
+                          f"quote a string: --set '{key}=\"...\"'.") from None
 
 
 @app.command()
@@ -148,7 +158,7 @@ def train(
             if "=" not in item:
                 raise ConfigError(f"--set '{item}' is not of the form section.field=value.")
             key, value = item.split("=", 1)
-            overrides[key.strip()] = _parse_value(value)
+            overrides[key.strip()] = _parse_value(value, key.strip())
         for key, value in overrides.items():
             _assign(raw, key, value)
         raw.setdefault("name", (raw.get("train") or {}).get("algo", "protonet"))  # ('train:' may be empty)

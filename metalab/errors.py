@@ -9,7 +9,20 @@ from __future__ import annotations
 
 
 class MetalabError(Exception):
-    """Base class for every user-facing metalab error."""
+    """Base class for every user-facing metalab error. Its message is kept to one line: control
+    characters from the user's own values (a newline in a ``--set`` value) are shown escaped."""
+
+    def __init__(self, *args) -> None:
+        if args and isinstance(args[0], str):
+            args = (one_line(args[0]), *args[1:])
+        super().__init__(*args)
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks, tabs and other control characters written as escapes (``\\n``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class DataError(MetalabError, ValueError):
@@ -31,6 +44,24 @@ class TrainingDiverged(MetalabError):
 class StorageError(MetalabError, OSError):
     """A file metalab keeps (the registry, a run folder) cannot be written: disk full, read-only or failing.
     Nothing was changed; the message names the file and what to free or fix."""
+
+
+def disk_failure(exc: BaseException) -> str | None:
+    """Why a write failed when the disk is at fault — full, over quota, read-only or failing — else
+    ``None``. Reads ``OSError`` numbers and the messages libraries wrap them in (safetensors)."""
+    import errno
+
+    reasons = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "the file system is read-only", errno.EIO: "an I/O error"}
+    if isinstance(exc, OSError) and exc.errno in reasons:
+        return reasons[exc.errno]
+    text = str(exc).lower()
+    for needle, reason in (("no space left", reasons[errno.ENOSPC]), ("os error 28", reasons[errno.ENOSPC]),
+                           ("quota", reasons[errno.EDQUOT]), ("read-only file system", reasons[errno.EROFS]),
+                           ("os error 30", reasons[errno.EROFS])):
+        if needle in text:
+            return reason
+    return None
 
 
 class InputError(DataError):

@@ -317,3 +317,35 @@ def test_eval_results_are_added_keyed_by_setting_episodes_and_seed(tmp_path):
         (5, 1, 600, 100, 0.9), (5, 5, 600, 130, 0.95), (7, 2, 10, 120, 0.5), (5, 5, 50, 130, 0.9)]
     assert merge_eval(None, quick)["results"] == [{**quick["results"][0], "step": 120}]
     assert _result_strings(held)[:3] == ["5w1s 90.00 ± 1.00 (600 ep)", "5w5s 95.00 ± 1.00 (600 ep)", "7w2s 50.00 ± 1.00 (10 ep)"]
+
+
+def test_a_full_disk_while_checkpointing_is_one_sentence_and_the_run_resumes(clusters, tmp_path, monkeypatch):
+    """It was a SafetensorError traceback; now: which file, that the earlier checkpoint is kept, and how to go on."""
+    import errno
+
+    import metalab.engine.checkpoint as checkpoint
+    from metalab.errors import StorageError
+
+    real = checkpoint.save_file
+    writes = []
+
+    def full_disk_on_the_second(tensors, filename, metadata=None):
+        writes.append(filename)
+        if len(writes) == 2:
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)  # what fitted before the disk filled
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_on_the_second)
+    run = tmp_path / "run"
+    with pytest.raises(StorageError, match=r"Checkpoint '.*checkpoint-0000020.safetensors' could not be written \(no space "
+                                           r"left on the device\); the run folder keeps checkpoint-0000010.safetensors\. "
+                                           rf"Free disk space, then continue with `metalab train --resume {run}`\."):
+        _trainer(clusters, run).train()
+    assert [s for s, _ in list_checkpoints(run)] == [10] and not list(run.glob(".checkpoint-*"))
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    resumed = _trainer(clusters, run, resume=True)
+    assert resumed.start_step == 10
+    resumed.train()
+    assert list_checkpoints(run)[-1][0] == 40

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -174,11 +176,35 @@ def _images(directory: Path) -> list[Path]:
 def from_arrays(
     x, y, class_names: list[str] | None = None, class_domains=None, domain_names: list[str] | None = None, name: str = "arrays"
 ) -> LabelledSource:
-    """An in-memory source from array-likes: ``x [M, ...]`` and integer or string labels ``y [M]``."""
-    x = torch.as_tensor(np.asarray(x))
-    y_arr = np.asarray(y)
+    """An in-memory source from array-likes: ``x [M, ...]`` of numbers (finite; ``uint8`` kept as
+    images, any other type read as ``float32``) and integer or string labels ``y [M]``; anything
+    else is a :class:`DataError` naming the source and the fix."""
+    x_arr = x.numpy() if torch.is_tensor(x) else np.asarray(x)
+    if x_arr.dtype.kind not in "biuf":
+        raise DataError(f"Examples of source '{name}' hold {x_arr.dtype} values; x must hold real numbers "
+                        "(uint8 images or floats), e.g. x.astype('float32').")
+    if x_arr.ndim < 2:
+        raise DataError(f"Examples of source '{name}' have shape {list(x_arr.shape)}; x must be [M, ...] with one row per "
+                        "example (a single feature: x[:, None]).")
+    if x_arr.size == 0 and len(x_arr):
+        raise DataError(f"Examples of source '{name}' have shape {list(x_arr.shape)}: no values per example; give each row of x "
+                        "at least one number.")
+    if x_arr.dtype.kind == "f" and not np.isfinite(x_arr).all():
+        bad = np.flatnonzero(~np.isfinite(x_arr.reshape(len(x_arr), -1)).all(1))
+        raise DataError(f"Examples of source '{name}' hold NaN or infinite values ({len(bad)} examples, the first at row "
+                        f"{bad[0]}); drop or fix those rows.")
+    if x_arr.dtype != np.uint8 and x_arr.dtype != np.float32:  # uint8 stays images (scaled by the model); the rest float32
+        x_arr = x_arr.astype(np.float32)
+        x = torch.as_tensor(x_arr)
+    x = torch.as_tensor(x_arr) if not torch.is_tensor(x) else x
+    y_arr = y.numpy() if torch.is_tensor(y) else np.asarray(y)
     if y_arr.ndim != 1:
         raise DataError(f"Labels for source '{name}' must be one-dimensional [M]; got shape {list(y_arr.shape)}.")
+    if y_arr.dtype.kind not in "biuUS":
+        raise DataError(f"Labels of source '{name}' hold {y_arr.dtype} values; y must hold class ids (integers) or class "
+                        "names (strings).")
+    if len(y_arr) != len(x_arr):
+        raise DataError(f"Source '{name}' has {len(x_arr)} examples but {len(y_arr)} labels; give one label per row of x.")
     if y_arr.dtype.kind in "iu" and class_names is not None:
         labels = torch.as_tensor(y_arr, dtype=torch.long)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
@@ -195,12 +221,26 @@ def from_arrays(
 def load_npz(path: str | Path) -> LabelledSource:
     """An ``.npz`` file with arrays ``x`` and ``y`` (and optionally ``class_names``)."""
     path = Path(path)
+    unreadable = f"'{path}' cannot be read as an .npz archive ({{}}); it is cut short or not an .npz: save it with numpy.savez."
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"'{path}' cannot be read as an .npz archive ({exc.__class__.__name__}); save it with numpy.savez.") from None
-    for key in ("x", "y"):
-        if key not in data:
-            raise DataError(f"'{path}' has no array '{key}'; save the examples as x=[M, ...] and the labels as y=[M].")
-    names = [str(n) for n in data["class_names"]] if "class_names" in data else None
-    return from_arrays(data["x"], data["y"], names, name=path.stem)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise DataError(f"'{path}' holds a single .npy array, not an .npz archive; save x and y with numpy.savez(path, x=x, y=y).")
+        with data:  # (members are read on access: errors come from here too)
+            for key in ("x", "y"):
+                if key not in data:
+                    raise DataError(f"'{path}' has no array '{key}'; save the examples as x=[M, ...] and the labels as y=[M].")
+            x, y = data["x"], data["y"]
+            names = [str(n) for n in data["class_names"].tolist()] if "class_names" in data else None
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"'{path}' holds Python objects (pickled arrays), which metalab never loads; save numbers and "
+                            "strings only, e.g. numpy.savez(path, x=x.astype('float32'), y=y.astype(str)).") from None
+        raise DataError(unreadable.format(f"ValueError: {exc}")) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(unreadable.format(type(exc).__name__)) from None
+    if names is not None and len(set(names)) != len(names):
+        raise DataError(f"'{path}': array 'class_names' lists a name twice; list each class once.")
+    return from_arrays(x, y, names, name=path.stem)

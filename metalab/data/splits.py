@@ -21,6 +21,10 @@ class Splits:
 
 
 def _make_splits(source: LabelledSource, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, desc: str) -> Splits:
+    for part, classes, fix in (("validation", val, "raise data.val_fraction"), ("meta-test", test, "raise data.test_fraction")):
+        if len(classes) == 0:  # each split needs classes of its own
+            raise DataError(f"Source '{source.name}' has {source.num_classes} classes and its split leaves none for "
+                            f"{part} ({desc.split(': ', 1)[-1]}); {fix} so that one class at least goes there, or add classes.")
     subset = lambda classes, part: source.subset(classes.sort().values, f"{source.name}:{part}")  # noqa: E731
     return Splits(subset(train, "train"), subset(val, "val"), subset(test, "test"), desc)
 

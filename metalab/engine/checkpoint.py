@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from metalab.errors import CheckpointError
+from metalab.errors import CheckpointError, StorageError, disk_failure
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.safetensors$")
 FORMAT = "2"  #: 2: the checksum covers the metadata too (files without ``format`` are version 1: tensors only)
@@ -80,6 +80,13 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optimizer_
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except Exception as exc:
+        if (why := disk_failure(exc)) is None:
+            raise
+        kept = [p.name for _, p in list_checkpoints(path.parent)]
+        keeps = f"the run folder keeps {kept[-1]}" if kept else "the run folder has no checkpoint yet"
+        raise StorageError(f"Checkpoint '{path}' could not be written ({why}); {keeps}. Free disk space, then "
+                           f"continue with `metalab train --resume {path.parent}`.") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

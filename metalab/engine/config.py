@@ -29,6 +29,11 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+def read_yaml_text(text: str):
+    """``text`` as YAML (safe types, no aliases: a :class:`ConfigError` ending "uses a YAML alias …")."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def read_config_file(path: Path) -> dict:
     """The mapping in a YAML config file, or a :class:`ConfigError` naming the file and the fix
     (too large, not UTF-8, not YAML, aliases)."""
@@ -40,7 +45,7 @@ def read_config_file(path: Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     try:
-        return yaml.load(text, Loader=_NoAliasLoader) or {}
+        return read_yaml_text(text) or {}
     except ConfigError as exc:
         raise ConfigError(f"Config file '{path}' {exc}.") from None
     except yaml.YAMLError as exc:

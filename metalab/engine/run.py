@@ -10,17 +10,36 @@ from pathlib import Path
 
 from metalab.engine.checkpoint import list_checkpoints
 from metalab.engine.config import RunConfig
-from metalab.errors import CheckpointError, ConfigError
+from metalab.errors import CheckpointError, ConfigError, StorageError, disk_failure
 from metalab.store import run_lock
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` whole or not at all (temporary file, fsync, rename); a full or
+    read-only disk is a :class:`StorageError` naming the file, and the old file stays as it was."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _storage_error(path, exc) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _storage_error(path, exc) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _storage_error(path: Path, exc: OSError) -> Exception:
+    why = disk_failure(exc)
+    if why is None:
+        return exc
+    return StorageError(f"'{path}' could not be written ({why}); it was left as it was. Free disk space (or write the run "
+                        "to another disk with --out), then run the command again.")
 
 
 class RunFolder:
@@ -108,9 +127,12 @@ class RunFolder:
         return RunConfig.load(self.config_path)
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as exc:  # (a line cut short is dropped when read; a resume rewrites the file)
+            raise _storage_error(self.metrics_path, exc) from None
 
     def metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

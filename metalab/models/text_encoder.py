@@ -88,7 +88,9 @@ class SentenceEncoder:
         with self._loading:
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
 
+                hf_logging.disable_progress_bar()  # its "Loading weights" bar on every command says nothing to a user
                 try:
                     model = SentenceTransformer(str(self.folder), device=self.device, local_files_only=True)
                 except Exception as e:  # a damaged folder: name it, not a traceback from deep inside
