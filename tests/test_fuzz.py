@@ -297,34 +297,31 @@ def encoder_set(tiny_encoder_dir):
     return ["--set", f"data.encoder={tiny_encoder_dir}", "--set", "data.encoder_layers=null"]
 
 
+def train_on_file(workdir, suffix: str, content: bytes, *extra: str) -> None:
+    """``metalab train --data FILE`` on ``content`` saved as a ``suffix`` file: trains or is refused in one line."""
+    path = fresh(workdir, "data").with_suffix(suffix)
+    path.write_bytes(content)
+    out = fresh(workdir, suffix[1:] + "-run")
+    code, _, err = run_cli("train", "--data", str(path), *TRAIN_FAST, *extra, "--out", str(out))
+    check_outcome(f"{suffix[1:].upper()} files", code, err, out)
+
+
 @fuzz(40)
 @given(content=csv_bytes())
 def test_csv_files_train_or_are_refused_in_one_line(workdir, encoder_set, content):
-    path = fresh(workdir, "data").with_suffix(".csv")
-    path.write_bytes(content)
-    out = fresh(workdir, "csv-run")
-    code, _, err = run_cli("train", "--data", str(path), *TRAIN_FAST, *encoder_set, "--out", str(out))
-    check_outcome("CSV files", code, err, out)
+    train_on_file(workdir, ".csv", content, *encoder_set)
 
 
 @fuzz(40)
 @given(content=jsonl_bytes())
 def test_jsonl_files_train_or_are_refused_in_one_line(workdir, encoder_set, content):
-    path = fresh(workdir, "data").with_suffix(".jsonl")
-    path.write_bytes(content)
-    out = fresh(workdir, "jsonl-run")
-    code, _, err = run_cli("train", "--data", str(path), *TRAIN_FAST, *encoder_set, "--out", str(out))
-    check_outcome("JSONL files", code, err, out)
+    train_on_file(workdir, ".jsonl", content, *encoder_set)
 
 
 @fuzz(60)
 @given(content=npz_bytes())
 def test_npz_files_train_or_are_refused_in_one_line(workdir, content):
-    path = fresh(workdir, "data").with_suffix(".npz")
-    path.write_bytes(content)
-    out = fresh(workdir, "npz-run")
-    code, _, err = run_cli("train", "--data", str(path), *TRAIN_FAST, "--out", str(out))
-    check_outcome("NPZ files", code, err, out)
+    train_on_file(workdir, ".npz", content)
 
 
 @fuzz(30)

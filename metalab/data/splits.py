@@ -43,7 +43,7 @@ def split_by_class(
         )
     order = _permuted(source.num_classes, seed)
     n_test = max(1, round(test_fraction * source.num_classes))
-    n_val = round(val_fraction * source.num_classes)
+    n_val = max(1, round(val_fraction * source.num_classes)) if val_fraction > 0 else 0  # some validation, however few the classes
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     if len(train) == 0:
         raise DataError(f"Source '{source.name}' has {source.num_classes} classes: too few to split; add classes.")
@@ -69,7 +69,7 @@ def split_by_domain(
     train_all = torch.tensor([c for c, d in enumerate(dom_of) if d in train_domains])
     test = torch.tensor([c for c, d in enumerate(dom_of) if d in test_domains])
     order = train_all[_permuted(len(train_all), seed)]
-    n_val = round(val_fraction * len(train_all))
+    n_val = max(1, round(val_fraction * len(train_all))) if val_fraction > 0 else 0
     val, train = order[:n_val], order[n_val:]
     desc = (
         f"split of '{source.name}' by domain: meta-train {sorted(train_domains)} ({len(train)} classes, "
