@@ -52,9 +52,10 @@ def train_run(folder: Path) -> Path:
     return folder
 
 
-def start_server(run: Path, db: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
+def start_server(run: Path, db: Path, extra: list[str], source: Path | None = None) -> tuple[subprocess.Popen, str, int]:
+    env = {**os.environ, **({"PYTHONPATH": str(source)} if source else {})}
     proc = subprocess.Popen([sys.executable, "-m", "metalab", "serve", "--run", str(run), "--db", str(db), "--port", "0",
-                             "--rate-limit", "0", *extra], stdout=subprocess.PIPE, text=True)
+                             "--rate-limit", "0", *extra], stdout=subprocess.PIPE, text=True, env=env, cwd=source)
     line = proc.stdout.readline()
     if "http://" not in line:
         proc.kill()
@@ -122,7 +123,7 @@ class Probe:
 def flood(port: int, seconds: float) -> dict:
     """4 keyless senders of 14 MB bodies; each refused, a new connection is opened."""
     deadline = time.perf_counter() + seconds
-    stats = {"requests": 0, "refused_401": 0, "other": 0, "answer_ms": [], "bytes_sent": 0}
+    stats = {"requests": 0, "refused_401": 0, "refused_429": 0, "no_answer": 0, "answer_ms": [], "bytes_sent": 0}
     lock = threading.Lock()
     head = (f"POST /v1/adapters HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {FLOOD_BYTES}\r\n\r\n").encode()
@@ -163,11 +164,12 @@ def flood(port: int, seconds: float) -> dict:
             with lock:
                 stats["requests"] += 1
                 stats["bytes_sent"] += sent
-                if answer.startswith(b"HTTP/1.1 401"):
-                    stats["refused_401"] += 1
+                code = answer[9:12].decode("latin-1") if answer.startswith(b"HTTP/1.1 ") else None
+                if code in ("401", "429"):
+                    stats[f"refused_{code}"] += 1
                     stats["answer_ms"].append(1000 * (time.perf_counter() - start))
                 else:
-                    stats["other"] += 1
+                    stats["no_answer"] += 1
 
     threads = [threading.Thread(target=sender) for _ in range(4)]
     for t in threads:
@@ -253,6 +255,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="Length of the flood and predict phases.")
     parser.add_argument("--limits", default="on,off", help="on, off or on,off.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_abuse.md")
+    parser.add_argument("--server-src", type=Path, help="Run the server from this metalab checkout (e.g. an older commit's "
+                                                        "worktree, for a before/after comparison); 'on' then means its defaults.")
     args = parser.parse_args()
     from metalab.serve.limits import Limits
     from metalab.store.registry import Registry
@@ -264,7 +268,7 @@ def main() -> None:
         db = tmp / f"registry-{mode}.sqlite"
         registry = Registry(db)
         keys = [registry.create_key(f"tenant{i}") for i in range(4)]
-        proc, base, port = start_server(run, db, [] if mode == "on" else OFF_FLAGS)
+        proc, base, port = start_server(run, db, [] if mode == "on" else OFF_FLAGS, args.server_src)
         try:
             httpx.get(base + "/healthz", timeout=30).raise_for_status()
             with Probe(base, proc.pid) as idle:
@@ -284,7 +288,8 @@ def main() -> None:
             proc.wait(timeout=30)
         print(f"limits {mode}: done", flush=True)
 
-    lines = [f"# `metalab serve` under abuse (`python -m benchmarks.serve_abuse --seconds {args.seconds:g} --limits {args.limits}`)", "",
+    source = f" --server-src {args.server_src}" if args.server_src else ""
+    lines = [f"# `metalab serve` under abuse (`python -m benchmarks.serve_abuse --seconds {args.seconds:g} --limits {args.limits}{source}`)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, Python {platform.python_version()}, "
              f"{time.strftime('%Y-%m-%d')}; server and clients on the same cores, loopback only. "
              "Limits 'on' are the defaults (header timeout 10 s, body timeout 60 s, 1000 connections, 30 failed "

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from metalab.errors import CheckpointError, StorageError, disk_failure
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)\.safetensors$")
-FORMAT = "2"  #: 2: the checksum covers the metadata too (files without ``format`` are version 1: tensors only)
+FORMAT = "2"  #: 2: ``sha256_all`` covers tensors and metadata; files without ``format`` (1) have ``sha256`` of the tensors only
 
 
 def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
@@ -64,8 +64,8 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], optimizer_
     if optimizer_state is not None:
         optim_tensors, plain_optim = _flatten_optimizer(optimizer_state)
         tensors.update({k: v.detach().cpu().contiguous() for k, v in optim_tensors.items()})
-    meta = {"info": json.dumps(info), "optimizer": json.dumps(plain_optim), "format": FORMAT}
-    meta["sha256"] = _digest(tensors, meta)
+    meta = {"info": json.dumps(info), "optimizer": json.dumps(plain_optim), "format": FORMAT, "sha256": _digest(tensors)}
+    meta["sha256_all"] = _digest(tensors, meta)  # (``sha256`` alone, of the tensors, is what metalab < 0.2 checks)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -129,8 +129,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, d
     fmt = meta.get("format")
     if fmt not in (None, FORMAT):
         raise CheckpointError(f"Checkpoint '{path}' has format {fmt!r}, newer than this metalab's {FORMAT}; upgrade metalab to read it.")
-    covered = {k: v for k, v in meta.items() if k != "sha256"} if fmt == FORMAT else None
-    if _digest(tensors, covered) != meta["sha256"]:
+    if fmt == FORMAT:
+        expected, got = meta.get("sha256_all"), _digest(tensors, {k: v for k, v in meta.items() if k != "sha256_all"})
+    else:
+        expected, got = meta["sha256"], _digest(tensors)
+    if got != expected:
         raise CheckpointError(f"Checkpoint '{path}' fails its checksum (the file is corrupt); delete it to fall back to an earlier checkpoint.")
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     plain_optim = json.loads(meta.get("optimizer", "null"))
