@@ -101,7 +101,7 @@ def train(
     meta_batch: Optional[int] = typer.Option(None, help="Tasks per meta-batch."),
     steps: Optional[int] = typer.Option(None, help="Meta-training steps."),
     lr: Optional[float] = typer.Option(None, help="Outer (meta) learning rate."),
-    time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is kept)."),
+    time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds (a checkpoint is kept); the learning-rate schedule still follows --steps (train.anneal_by=time: whichever runs out first)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16: bfloat16 mixed-precision training steps (faster on CPUs with AVX-512-BF16/AMX and recent GPUs)."),
     seed: Optional[int] = typer.Option(None, help="Seed of initialisation and episode sampling."),

@@ -404,3 +404,64 @@ def test_a_backbone_gets_the_algorithms_normalisation_however_it_was_built():
     proto.eval()
     support, labels = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])
     assert proto(support, labels, torch.rand(4, 1, 28, 28)).shape == (4, 3)
+
+
+@pytest.mark.parametrize("algo", sorted(a for a, spec in ALGORITHMS.items() if "classification" in spec.tasks))
+def test_a_prediction_does_not_depend_on_the_rest_of_the_batch(algo, omniglot):
+    """Each input scored alone gets the scores it gets in a batch. MAML-family methods normalise by
+    batch statistics; they used to normalise a query by the statistics of the queries sent with it,
+    so a client predicting one image at a time got other labels than one sending them together."""
+    from metalab.data import EpisodeSampler
+    from metalab.engine import RunConfig
+    from metalab.engine.trainer import build_model
+
+    torch.manual_seed(0)
+    cfg = RunConfig.from_dict({"train": {"algo": algo, "backbone": "conv4", "hidden": 8,
+                                         "algo_options": {"test_inner_steps": 2} if ALGORITHMS[algo].cls.__name__ in ("MAML", "Reptile", "MetaSGD", "ANIL") else {}}})
+    ctx = {"task": "classification", "num_classes": omniglot.num_classes, "class_domains": omniglot.class_domains.tolist()}
+    algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), ctx)
+    algorithm.train()
+    warm = EpisodeSampler(omniglot, 5, 1, 3, 2, seed=1).sample(0)  # one step, so the norms' statistics are not the initial ones
+    algorithm.meta_backward(algorithm.params(), warm)
+    algorithm.eval()
+    batch = EpisodeSampler(omniglot, 5, 1, 4, 1, seed=2).sample(0)
+    predictor = algorithm.adapt(algorithm.params(), batch.support_x[0], batch.support_y[0], 5)
+    together = predictor.logits(batch.query_x[0])
+    alone = torch.cat([predictor.logits(x[None]) for x in batch.query_x[0]])
+    pairs = torch.cat([predictor.logits(batch.query_x[0][i:i + 2]) for i in range(0, 20, 2)])
+    assert torch.allclose(alone, together, atol=1e-4, rtol=1e-4), (alone - together).abs().max()
+    assert torch.allclose(pairs, together, atol=1e-4, rtol=1e-4)
+    assert torch.equal(alone.argmax(-1), together.argmax(-1))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_support_statistics_for_queries_give_the_same_gradients_in_every_execution(omniglot, first_order):
+    """query_stats='support' (queries normalised by the support's statistics in training, as at
+    prediction): loop, vmap and grouped executions agree, and each query's output no longer depends
+    on the other queries — which 'batch' (MAML's transductive training) does."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=8, norm="task-batch")
+    maml = MAML(backbone, inner_lr=0.4, inner_steps=2, first_order=first_order, query_stats="support").double()
+    torch.nn.init.normal_(maml.head_weight, std=0.1)
+    batch = _conv_batch(omniglot)
+    batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
+    grads = {}
+    for execution in ("loop", "vmap", "grouped"):
+        maml.execution = execution
+        maml.zero_grad()
+        loss, _ = maml.meta_loss(maml.params(), batch)
+        loss.backward()
+        maml.drop_invariant_grads()
+        grads[execution] = (loss.detach(), {k: p.grad.clone() for k, p in maml.named_parameters() if p.grad is not None})
+    for other in ("vmap", "grouped"):
+        assert torch.allclose(grads["loop"][0], grads[other][0], atol=1e-10)
+        for k, g in grads["loop"][1].items():
+            assert torch.allclose(g, grads[other][1][k], atol=1e-9, rtol=1e-6), (other, k)
+    fast = maml.inner_loop(maml.params(), batch.support_x[0], batch.support_y[0], 5, 2, create_graph=False)
+    sx, qx = batch.support_x[0], batch.query_x[0]
+    for stats, independent in (("support", True), ("batch", False)):
+        maml.query_stats = stats
+        whole, part = maml.query_outputs(fast, sx, qx), maml.query_outputs(fast, sx, qx[:4])
+        assert torch.allclose(whole[:4], part, atol=1e-10) is independent, stats
+    with pytest.raises(ConfigError, match="query_stats='none' is unknown; use 'support'"):
+        MAML(backbone, query_stats="none")

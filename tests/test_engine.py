@@ -351,3 +351,30 @@ def test_a_full_disk_while_checkpointing_is_one_sentence_and_the_run_resumes(clu
     assert resumed.start_step == 10
     resumed.train()
     assert list_checkpoints(run)[-1][0] == 40
+
+
+@pytest.mark.parametrize("anneal_by,same", [("steps", True), ("time", False)])
+def test_a_slow_stretch_of_clock_leaves_a_run_that_finishes_its_steps_unchanged(clusters, tmp_path, anneal_by, same):
+    """The budget used to set the schedule (progress = max(step / steps, time / budget)), so a run
+    slowed for a while — other jobs on the machine — annealed differently and ended on other weights
+    though it finished every step. Now the budget only stops a run, unless anneal_by is 'time'."""
+    import time as clock
+
+    def run(name, slow):
+        trainer = _trainer(clusters, tmp_path / name, time_budget=9.0, anneal_by=anneal_by)
+        original = trainer._prepare
+
+        def prepare(step):
+            if slow and 2 <= step < 12:
+                clock.sleep(0.3)  # 3 s of slowness early on, inside the 9 s budget (a third of it by step 12: 30 % of the steps)
+            return original(step)
+
+        trainer._prepare = prepare
+        assert trainer.train().stopped_by == "steps"
+        return trainer.algorithm.state_dict()
+
+    fast, slow = run("fast", False), run("slow", True)
+    equal = all(torch.equal(fast[k], slow[k]) for k in fast)
+    assert equal is same
+    with pytest.raises(ConfigError, match="train.anneal_by='time' anneals over train.time_budget, which is not set"):
+        RunConfig.from_dict({"train": {"anneal_by": "time"}})

@@ -489,6 +489,10 @@ def test_image_run_adapters(tmp_path, omniglot):
         assert ad.status_code == 201, ad.text
         got = c.post(f"/v1/adapters/{ad.json()['id']}/predict",
                      json={"images": ["data:image/png;base64," + png(pages[i]) for i in (2, 5, 8)]}).json()["predictions"]
+        for i, together in zip((2, 5, 8), got):  # a MAML run: an image alone gets what it gets in the batch
+            alone = c.post(f"/v1/adapters/{ad.json()['id']}/predict", json={"images": [png(pages[i])]}).json()["predictions"][0]
+            assert alone["label"] == together["label"]
+            assert max(abs(alone["scores"][k] - together["scores"][k]) for k in together["scores"]) < 1e-4
         bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:5] + [{"label": "c9", "image": base64.b64encode(b"not a png").decode()}]})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "examples.5.image"
         bad = c.post("/v1/adapters", json={"name": "x", "examples": support[:5] + [{"label": "c9", "image": "%%%"}]})
@@ -525,8 +529,12 @@ def test_image_run_adapters(tmp_path, omniglot):
     x = torch.from_numpy(images[[0, 1, 3, 4, 6, 7]][:, None])
     names = list(dict.fromkeys(f"c{labels[i]}" for i in (0, 1, 3, 4, 6, 7)))
     y = torch.tensor([names.index(f"c{labels[i]}") for i in (0, 1, 3, 4, 6, 7)])
-    want = Adapter(tmp_path / "run", x, y, names).predict(torch.from_numpy(images[[2, 5, 8]][:, None]))
+    adapter = Adapter(tmp_path / "run", x, y, names)
+    want = adapter.predict(torch.from_numpy(images[[2, 5, 8]][:, None]))
     assert [p["label"] for p in got] == [p.label for p in want]
+    for i, w in zip((2, 5, 8), want):  # and through the Adapter, one image at a time
+        alone = adapter.predict(torch.from_numpy(images[[i]][:, None]))[0]
+        assert alone.label == w.label and max(abs(alone.scores[k] - w.scores[k]) for k in w.scores) < 1e-4
     for g, w in zip(got, want):
         assert max(abs(g["scores"][k] - w.scores[k]) for k in w.scores) < 1e-4
     from metalab.engine.adapter import adapt_from_file  # `metalab adapt`'s text options, on an image run

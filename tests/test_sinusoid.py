@@ -104,5 +104,6 @@ def test_compare_keeps_each_adaptation_step_and_names_an_unevaluated_run(tmp_pat
     MetaTrainer(regression_run(tmp_path, steps=4), tmp_path / "b", show_progress=False, log=lambda m: None).train()
     page = build_comparison([tmp_path / "a", tmp_path / "b"], tmp_path / "compare").read_text()
     for row in ("5-shot MSE, 1 step", "5-shot MSE, 3 steps", "10-shot MSE, 1 step", "10-shot MSE, 3 steps"):
+        row += f", {config.eval.episodes} episodes"  # (each figure says how many episodes it is the mean of)
         assert f"<td>{row}</td><td>" in page and f"<td>{row}</td><td>-" not in page, row  # one row each, a value in it
     assert "4 (not evaluated)" in page

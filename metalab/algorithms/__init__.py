@@ -30,7 +30,7 @@ from metalab.algorithms.reptile import Reptile
 from metalab.errors import ConfigError
 from metalab.models.backbones import set_norm
 
-_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner")
+_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner", "query_stats")
 _MAML_HEAD_OPTIONS = _MAML_OPTIONS + ("head", "head_ways")  # MAML and FOMAML only
 _HEAD_OPTIONS = ("scale", "finetune_steps", "finetune_lr")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalab.models.backbones import MLP, BatchStatNorm, Conv4
+from metalab.models.backbones import _REFERENCE_ROWS, MLP, BatchStatNorm, Conv4
 
 
 def supports_grouped(backbone: nn.Module) -> bool:
@@ -27,10 +27,13 @@ def supports_grouped(backbone: nn.Module) -> bool:
 
 
 def _task_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise ``h [B, T, C, ...]`` by each task's batch statistics; ``weight``/``bias`` ``[T, C]``."""
+    """Normalise ``h [B, T, C, ...]`` by each task's batch statistics (inside
+    :func:`~metalab.models.backbones.reference_rows`: of its first rows); ``weight``/``bias`` ``[T, C]``."""
     dims = [0] + list(range(3, h.dim()))
-    mean = h.mean(dims, keepdim=True)
-    var = (h - mean).pow(2).mean(dims, keepdim=True)
+    rows = _REFERENCE_ROWS.get()
+    reference = h if rows is None else h[:rows]
+    mean = reference.mean(dims, keepdim=True)
+    var = (reference - mean).pow(2).mean(dims, keepdim=True)
     shape = [1, *weight.shape] + [1] * (h.dim() - 3)
     return (h - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)
 

@@ -13,6 +13,15 @@ a randomly initialised ``Linear(D, head_ways)`` meta-learned row by row, which a
 ``head_ways``-way tasks. For regression the head is a plain ``[outputs, D]`` linear layer and the loss
 is the mean squared error.
 
+Normalisation (the ``task-batch`` norm): in the inner loop each support set is normalised by its
+own statistics. A prediction normalises its inputs by the *support's* statistics under the adapted
+weights, fixed at adaptation, so an input's scores depend on it and the adapted model only — not
+on what else is in the batch (a service client sending one image at a time gets the labels a batch
+would). In meta-training the queries are normalised by their own batch (``query_stats='batch'``,
+MAML's original training) or by the support's (``'support'``, as at prediction);
+``benchmarks/maml_query_stats.py`` measures both (``'batch'`` trains better, and predicting with
+the support's statistics costs nothing against the transductive scores).
+
 Execution (``execution=``): ``"loop"`` runs tasks one after another; ``"vmap"`` batches them with
 ``torch.func.vmap``/``torch.func.grad``; ``"grouped"`` applies every task's weights at once as
 grouped convolutions / batched matmuls (:mod:`metalab.algorithms.grouped`). ``"auto"`` picks
@@ -31,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from metalab.algorithms.base import Algorithm, Predictor, check_task, sub_params
 from metalab.algorithms.grouped import grouped_features, supports_grouped
 from metalab.algorithms.task_threads import module_for_thread, per_task_backward
-from metalab.models.backbones import plain_norm_ops
+from metalab.models.backbones import BatchStatNorm, plain_norm_ops, reference_rows
 from metalab.data.episodes import Episodes
 from metalab.errors import ConfigError
 
@@ -54,8 +63,13 @@ class MAML(Algorithm):
         checkpoint_inner: bool = False,
         head: str = "row",
         head_ways: int = 5,
+        query_stats: str = "batch",
     ) -> None:
         super().__init__(backbone)
+        if query_stats not in ("support", "batch"):
+            raise ConfigError(f"query_stats='{query_stats}' is unknown; use 'support' (queries normalised by their task's "
+                              "support statistics, as at prediction) or 'batch' (by the query batch's own, transductive).")
+        self.query_stats = query_stats
         if execution not in ("auto", "loop", "vmap", "grouped"):
             raise ConfigError(f"execution='{execution}' is unknown; use 'auto', 'loop', 'vmap' or 'grouped'.")
         if execution == "grouped" and not supports_grouped(backbone):
@@ -115,6 +129,15 @@ class MAML(Algorithm):
         z = functional_call(module_for_thread(self.backbone), sub_params(fast, "backbone."), (x,))
         return z @ fast["head.weight"].T + fast["head.bias"]
 
+    def query_outputs(self, fast: Params, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+        """The adapted model's outputs for one task's queries ``[M, ...]``. With ``query_stats='support'``
+        (the default) batch-statistics norms take the support's statistics (under the adapted
+        weights), as a prediction does, so each query's output depends on the support and itself
+        only; ``'batch'`` normalises the queries by their own batch (MAML's original, transductive)."""
+        if self.query_stats == "batch":
+            return self.forward_fast(fast, query_x)
+        return self.with_support_stats(fast, support_x, query_x)
+
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)
 
@@ -171,7 +194,7 @@ class MAML(Algorithm):
             create_graph = not self.first_order
             for t in range(batch.tasks):
                 fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
-                out = self.forward_fast(fast, batch.query_x[t])
+                out = self.query_outputs(fast, batch.support_x[t], batch.query_x[t])
                 losses.append(self.loss_fn(out, batch.query_y[t]))
                 scores.append(self.score(out.detach(), batch.query_y[t]))
             losses, scores = torch.stack(losses), torch.stack(scores)
@@ -188,7 +211,7 @@ class MAML(Algorithm):
 
         def task_loss(t: int):
             fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
-            out = self.forward_fast(fast, batch.query_x[t])
+            out = self.query_outputs(fast, batch.support_x[t], batch.query_x[t])
             return self.loss_fn(out, batch.query_y[t]), self.score(out.detach(), batch.query_y[t])
 
         workers = self.task_workers(batch, buffers_passed=False)
@@ -229,7 +252,12 @@ class MAML(Algorithm):
     def _grouped_losses(self, params: Params, batch: Episodes):
         fast = self.grouped_inner_loop(params, batch.support_x, batch.support_y, batch.ways, self.inner_steps,
                                        create_graph=not self.first_order)
-        out = self.forward_grouped(fast, batch.query_x)
+        if self.query_stats == "batch":
+            out = self.forward_grouped(fast, batch.query_x)
+        else:
+            n = batch.support_x.shape[1]
+            with reference_rows(n):
+                out = self.forward_grouped(fast, torch.cat([batch.support_x, batch.query_x], 1))[:, n:]
         return self.task_losses(out, batch.query_y), self.task_scores(out.detach(), batch.query_y)
 
     def _vmapped_losses(self, params: Params, batch: Episodes):
@@ -246,7 +274,7 @@ class MAML(Algorithm):
                 if first_order:
                     g = {k: v.detach() for k, v in g.items()}
                 fast = {k: w - lrs[k] * g[k] for k, w in fast.items()}
-            out = self.forward_fast(fast, qx)
+            out = self.query_outputs(fast, sx, qx)
             return self.loss_fn(out, qy), self.score(out.detach(), qy)
 
         return vmap(task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
@@ -257,7 +285,18 @@ class MAML(Algorithm):
         with torch.enable_grad():
             fast = self.inner_loop(detached, support_x, support_y, ways, steps or self.test_inner_steps, create_graph=False)
         fast = {k: v.detach() for k, v in fast.items()}
-        return Predictor(lambda x: self.forward_fast(fast, x), fast)
+        support = support_x.detach()
+        # batch-statistics norms take the support's statistics, fixed at adaptation (whatever
+        # query_stats trained with): an input's scores depend on it and the adapted model only
+        return Predictor(lambda x: self.with_support_stats(fast, support, x), fast)
+
+    def with_support_stats(self, fast: Params, support_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs for ``x`` with every batch-statistics norm taking ``support_x``'s statistics."""
+        if not any(isinstance(m, BatchStatNorm) for m in self.backbone.modules()):
+            return self.forward_fast(fast, x)
+        n = len(support_x)
+        with reference_rows(n):
+            return self.forward_fast(fast, torch.cat([support_x, x.to(support_x.dtype)]))[n:]
 
 
 def first_order_maml(backbone: nn.Module, **kwargs) -> MAML:

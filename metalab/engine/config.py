@@ -90,6 +90,7 @@ class TrainConfig:
     schedule: str = "cosine"  #: 'cosine' (to 0 over `steps`, after a 5 % warm-up) or 'constant'
     time_budget: float | None = None  #: seconds; stop early (with a checkpoint) once spent
     budget_clock: str = "wall"  #: 'wall' (elapsed time) or 'cpu' (this process's CPU time: fair budgets on a shared machine)
+    anneal_by: str = "steps"  #: 'steps': the schedule follows step / steps, a time budget only stops the run; 'time': it anneals over whichever runs out first, steps or time_budget (budget-bound runs)
     val_every: int = 250
     val_episodes: int = 200
     checkpoint_every: int = 250
@@ -222,6 +223,12 @@ class RunConfig:
             raise ConfigError(f"train.schedule='{t.schedule}' is unknown; use 'cosine' or 'constant'.")
         if t.budget_clock not in ("wall", "cpu"):
             raise ConfigError(f"train.budget_clock='{t.budget_clock}' is unknown; use 'wall' or 'cpu'.")
+        if t.anneal_by not in ("steps", "time"):
+            raise ConfigError(f"train.anneal_by='{t.anneal_by}' is unknown; use 'steps' (the schedule follows the steps) or "
+                              "'time' (it follows whichever runs out first, steps or train.time_budget).")
+        if t.anneal_by == "time" and t.time_budget is None:
+            raise ConfigError("train.anneal_by='time' anneals over train.time_budget, which is not set; set the budget "
+                              "or use anneal_by 'steps'.")
         check_precision(t.precision)
         if not (t.task_threads == "auto" or (type(t.task_threads) is int and t.task_threads >= 1)):
             raise ConfigError(f"train.task_threads={t.task_threads!r} is invalid; use 'auto' (one task per CPU core) "

@@ -312,9 +312,10 @@ class MetaTrainer:
         start = clock()
         elapsed = lambda: self.elapsed_before + clock() - start  # noqa: E731
         step, stopped_by, last = self.start_step, "steps", {}
-        # The schedule's clock leaves out this process's first step (start-up: lazy set-up, cold caches), and
-        # does not run during it. Else at step 0 (step / steps = 0) the clock alone would set the learning
-        # rate, and every weight after it would depend on timing, even in a run the step count ends first.
+        # The schedule follows the steps: a time budget stops the run and never changes its learning rates,
+        # so a run that finishes its steps ends on the same weights however busy the machine was. With
+        # anneal_by 'time' it follows whichever runs out first; that clock leaves out this process's first
+        # step (start-up: lazy set-up, cold caches), and does not run during it.
         first_spent, startup = None, None
         window_t, window_tasks, validating = time.perf_counter(), 0, 0.0
         self.algorithm.train()
@@ -334,7 +335,7 @@ class MetaTrainer:
                 elif startup is None:
                     startup = spent - first_spent
                 progress = step / t.steps
-                if t.time_budget is not None and startup is not None:  # anneal on whichever runs out first: steps or time
+                if t.anneal_by == "time" and startup is not None:  # anneal on whichever runs out first: steps or time
                     progress = max(progress, (spent - startup) / (t.time_budget - startup))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.config, progress)

@@ -32,6 +32,21 @@ def plain_norm_ops():
         _PLAIN_OPS.reset(token)
 
 
+_REFERENCE_ROWS: contextvars.ContextVar[int | None] = contextvars.ContextVar("metalab_norm_reference_rows", default=None)
+
+
+@contextmanager
+def reference_rows(n: int):
+    """Inside: every :class:`BatchStatNorm` normalises its whole input by the statistics of the
+    first ``n`` rows only (a task's support set, placed first), so what it gives the other rows
+    depends on those ``n`` rows and on each row itself — not on what else is in the batch."""
+    token = _REFERENCE_ROWS.set(n)
+    try:
+        yield
+    finally:
+        _REFERENCE_ROWS.reset(token)
+
+
 class BatchStatNorm(nn.Module):
     """Normalisation by the statistics of the current batch only, with a learned scale and shift
     (BatchNorm in training mode without running statistics: the MAML convention). Uses the fused
@@ -46,12 +61,14 @@ class BatchStatNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _PLAIN_OPS.get():
+        rows = _REFERENCE_ROWS.get()
+        if rows is None and not _PLAIN_OPS.get():
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        mean = x.mean(dims, keepdim=True)
-        var = (x - mean).pow(2).mean(dims, keepdim=True)
+        reference = x if rows is None else x[:rows]
+        mean = reference.mean(dims, keepdim=True)
+        var = (reference - mean).pow(2).mean(dims, keepdim=True)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
@@ -201,7 +218,7 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = as_model_input(x)
-        plain = _PLAIN_OPS.get()  # under torch.func.vmap: plain ops only
+        plain = _PLAIN_OPS.get() or _REFERENCE_ROWS.get() is not None  # under vmap, or normalising by reference rows: plain ops
         if self.channels_last and not plain:
             x = channels_last(x)
         first = self.blocks[0]

@@ -261,8 +261,8 @@ def _classification_sections(report: Report, run_path: Path, config, record: dic
              f"<div class='card'><b>{test.num_classes}</b>meta-test classes ({test.num_domains} domains)</div>"]
     if record:
         for r in record.get("results", [])[:4]:
-            episodes = f", {r['episodes']} episodes" if isinstance(r.get("episodes"), int) else ""
-            cards.append(f"<div class='card'><b>{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} %</b>{r['ways']}-way {r['shots']}-shot{episodes}</div>")
+            over = f", {r['episodes']} episodes" if isinstance(r.get("episodes"), int) else ""
+            cards.append(f"<div class='card'><b>{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f} %</b>{r['ways']}-way {r['shots']}-shot{over}</div>")
     report.add("Summary", "".join(cards) + f"<p class='muted'>{esc(splits.description)}</p>")
 
     ways = min(5, test.num_classes)
