@@ -53,7 +53,7 @@ def config_for(algo: str, budget: float | None, episodes: int, steps: int | None
                seed: int = 0, memory_format: str = "auto") -> RunConfig:
     """The zoo's run of ``algo``: ``budget`` CPU-seconds, or exactly ``steps`` steps when given."""
     episode, options, lr = METHODS[algo]
-    length = {"steps": steps, "time_budget": None} if steps else {"steps": 1_000_000, "time_budget": budget}
+    length = {"steps": steps, "time_budget": None} if steps else {"steps": 1_000_000, "time_budget": budget, "anneal_by": "time"}
     return RunConfig.from_dict({
         "name": f"zoo-{algo}",
         "data": {"source": "omniglot", "rotations": True, "augment": False, "val_fraction": 0.1, "split_seed": 0},
