@@ -361,12 +361,12 @@ def test_a_slow_stretch_of_clock_leaves_a_run_that_finishes_its_steps_unchanged(
     import time as clock
 
     def run(name, slow):
-        trainer = _trainer(clusters, tmp_path / name, time_budget=9.0, anneal_by=anneal_by)
+        trainer = _trainer(clusters, tmp_path / name, time_budget=4.5, anneal_by=anneal_by)
         original = trainer._prepare
 
         def prepare(step):
             if slow and 2 <= step < 12:
-                clock.sleep(0.3)  # 3 s of slowness early on, inside the 9 s budget (a third of it by step 12: 30 % of the steps)
+                clock.sleep(0.15)  # 1.5 s of slowness early on, inside the 4.5 s budget (a third of it by step 12: 30 % of the steps)
             return original(step)
 
         trainer._prepare = prepare
