@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 import zipfile
 import zlib
 from pathlib import Path
@@ -239,8 +240,8 @@ def load_npz(path: str | Path) -> LabelledSource:
             raise DataError(f"'{path}' holds Python objects (pickled arrays), which metalab never loads; save numbers and "
                             "strings only, e.g. numpy.savez(path, x=x.astype('float32'), y=y.astype(str)).") from None
         raise DataError(unreadable.format(f"ValueError: {exc}")) from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(unreadable.format(type(exc).__name__)) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, struct.error) as exc:
+        raise DataError(unreadable.format(type(exc).__name__)) from None  # (a damaged zip header can claim any method)
     if names is not None and len(set(names)) != len(names):
         raise DataError(f"'{path}': array 'class_names' lists a name twice; list each class once.")
     return from_arrays(x, y, names, name=path.stem)
