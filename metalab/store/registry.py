@@ -211,8 +211,9 @@ class Registry:
         disk = ("full", "readonly", "read-only", "disk i/o", "locked", "unable to open", "no such file")
         if not any(word in text.lower() for word in disk):
             return exc
-        error = StorageError(f"Registry '{self.path}' cannot be written ({text}); nothing was changed. Free disk space "
-                             "or make the file writable, then retry.")
+        fix = ("another process has held it for over 30 s; retry when it is done" if "locked" in text.lower()
+               else "free disk space or make the file writable, then retry")
+        error = StorageError(f"Registry '{self.path}' cannot be written ({text}); nothing was changed. {fix[0].upper()}{fix[1:]}.")
         error.reason = text
         return error
 
