@@ -86,8 +86,9 @@ class RequestGuard:
         address = (scope.get("client") or ("unknown",))[0]
         wait = self.auth_failures.wait_time(address, spend=False)
         if wait > 0:
-            return (429, "rate_limited", f"Too many failed authentications from {address}; retry in {wait:.0f} s "
-                                         "with a valid key.", None, {"Retry-After": str(max(1, round(wait)))})
+            seconds = max(1, round(wait))
+            return (429, "rate_limited", f"Too many failed authentications from {address}; retry in {seconds} s "
+                                         "with a valid key.", None, {"Retry-After": str(seconds)})
         key = api_key(headers)
         if key is None:
             self.auth_failures.spend(address)
