@@ -180,7 +180,7 @@ def from_arrays(
     """An in-memory source from array-likes: ``x [M, ...]`` of numbers (finite; ``uint8`` kept as
     images, any other type read as ``float32``) and integer or string labels ``y [M]``; anything
     else is a :class:`DataError` naming the source and the fix."""
-    x_arr = x.numpy() if torch.is_tensor(x) else np.asarray(x)
+    x_arr = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
     if x_arr.dtype.kind not in "biuf":
         raise DataError(f"Examples of source '{name}' hold {x_arr.dtype} values; x must hold real numbers "
                         "(uint8 images or floats), e.g. x.astype('float32').")
@@ -196,9 +196,8 @@ def from_arrays(
                         f"{bad[0]}); drop or fix those rows.")
     if x_arr.dtype != np.uint8 and x_arr.dtype != np.float32:  # uint8 stays images (scaled by the model); the rest float32
         x_arr = x_arr.astype(np.float32)
-        x = torch.as_tensor(x_arr)
-    x = torch.as_tensor(x_arr) if not torch.is_tensor(x) else x
-    y_arr = y.numpy() if torch.is_tensor(y) else np.asarray(y)
+    x = torch.as_tensor(x_arr)
+    y_arr = y.detach().cpu().numpy() if torch.is_tensor(y) else np.asarray(y)
     if y_arr.ndim != 1:
         raise DataError(f"Labels for source '{name}' must be one-dimensional [M]; got shape {list(y_arr.shape)}.")
     if y_arr.dtype.kind not in "biuUS":

@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
         if source.meta.get("modality") == "text":
             record["full_task"], record["full_task_left_out"] = _text_full_tasks(algorithm, splits, source, e, device, show_progress)
     record["evaluated_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    seed = e.seed if split == "test" or not is_task_family(d.source) else e.seed + 1
+    seed = e.seed + 1 if split == "val" and is_task_family(d.source) else e.seed  # (the seed the episodes were drawn with)
     record["results"] = [{**r.as_dict(), "seed": seed, "step": info["step"]} for r in results]
     if split == "test" and current().is_main:  # under torchrun every rank evaluated its share; rank 0 writes
         RunFolder.open(run_dir).write_eval(record)  # added to what eval.json held: nothing measured before is lost

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -36,8 +36,7 @@ CREATED_LINKS = {201: {"description": "The adapter, stored.", "links": {
                      ("DeleteAdapter", "delete_adapter"))}}}
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return json_error(status, code, message, field, headers)
+error_response = json_error  #: ``{"error": {"status", "code", "message", "field"}}`` (shared with the guard)
 
 
 def create_app(run_dir: str | Path, db: str | Path, device: str = "cpu", rate_limit: float | None = None,
