@@ -20,6 +20,7 @@ CHANCE_5WAY = 0.2
     ("fomaml", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
     ("reptile", {"inner_lr": 0.1, "inner_steps": 5, "test_inner_steps": 10, "lr": 1e-2}),
     ("metasgd", {"inner_lr": 0.5, "inner_steps": 1, "test_inner_steps": 5}),
+    ("protomaml", {"inner_lr": 0.1, "inner_steps": 1, "test_inner_steps": 3, "lr": 1e-2}),
     ("anil", {"inner_lr": 0.5, "inner_steps": 5, "test_inner_steps": 10, "lr": 1e-2}),
     ("matchingnet", {"lr": 1e-2}),
     ("r2d2", {"lr": 1e-2}),

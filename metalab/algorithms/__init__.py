@@ -24,13 +24,15 @@ from metalab.algorithms.matchingnet import MatchingNet
 from metalab.algorithms.metasgd import MetaSGD
 from metalab.algorithms.multitask import MultiTask
 from metalab.algorithms.pretrained import Pretrained
+from metalab.algorithms.protomaml import ProtoMAML
 from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.r2d2 import R2D2
 from metalab.algorithms.reptile import Reptile
 from metalab.errors import ConfigError
 from metalab.models.backbones import set_norm
 
-_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner", "query_stats")
+_MAML_OPTIONS = ("inner_lr", "inner_steps", "test_inner_steps", "execution", "checkpoint_inner", "query_stats",
+                 "learned_step_sizes", "multi_step_loss_until", "first_order_until")  # the last three: MAML++
 _MAML_HEAD_OPTIONS = _MAML_OPTIONS + ("head", "head_ways")  # MAML and FOMAML only
 _HEAD_OPTIONS = ("scale", "finetune_steps", "finetune_lr")
 
@@ -67,6 +69,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "anil": AlgorithmSpec(lambda b, ctx, **o: ANIL(b, **o), "batch", ("inner_lr", "inner_steps", "test_inner_steps", "first_order"), summary="inner loop on the head only (Raghu et al. 2020)", cls=ANIL),
     "maml": AlgorithmSpec(_gradient_based(MAML), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "second-order MAML (Finn et al. 2017)", cls=MAML),
     "fomaml": AlgorithmSpec(_gradient_based(first_order_maml), "task-batch", _MAML_HEAD_OPTIONS, ("classification", "regression"), "first-order MAML", cls=MAML),
+    "protomaml": AlgorithmSpec(lambda b, ctx, **o: ProtoMAML(b, **o), "task-batch", _MAML_OPTIONS + ("first_order",), summary="MAML with the head started from the support's prototypes (Triantafillou et al. 2020)", cls=ProtoMAML),
     "reptile": AlgorithmSpec(_gradient_based(Reptile), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "Reptile (Nichol et al. 2018)", cls=Reptile),
     "metasgd": AlgorithmSpec(_gradient_based(MetaSGD), "task-batch", _MAML_OPTIONS, ("classification", "regression"), "learned per-parameter inner step sizes (Li et al. 2017)", cls=MetaSGD),
     "baseline": AlgorithmSpec(lambda b, ctx, **o: Baseline(b, ctx["num_classes"], **o), "batch", _HEAD_OPTIONS, summary="pre-train on all classes, new linear head (Chen et al. 2019)", needs_classes=True, cls=Baseline),
@@ -79,7 +82,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
 #: the numeric and yes/no options, by kind (the others are names the algorithms check themselves)
 _POSITIVE_NUMBERS = ("inner_lr", "finetune_lr", "scale", "lam")
 _POSITIVE_WHOLE_NUMBERS = ("inner_steps", "test_inner_steps", "finetune_steps", "head_ways")
-_YES_NO = ("first_order", "checkpoint_inner")
+_YES_NO = ("first_order", "checkpoint_inner", "learned_step_sizes")
+_FRACTIONS = ("multi_step_loss_until", "first_order_until")
 
 
 def _check_option(key: str, value) -> None:
@@ -91,6 +95,8 @@ def _check_option(key: str, value) -> None:
         raise ConfigError(f"train.algo_options.{key}={value!r} is invalid; give a whole number of at least 1.")
     if key in _YES_NO and not isinstance(value, bool):
         raise ConfigError(f"train.algo_options.{key}={value!r} is invalid; give true or false.")
+    if key in _FRACTIONS and not (number and 0 <= value <= 1):
+        raise ConfigError(f"train.algo_options.{key}={value!r} is invalid; give a fraction of training from 0 to 1 (0: off).")
 
 
 def algorithm_spec(name: str) -> AlgorithmSpec:
@@ -145,5 +151,5 @@ def build_algorithm(name: str, backbone: nn.Module, options: dict | None = None,
 
 
 __all__ = ["ALGORITHMS", "ANIL", "Algorithm", "Baseline", "FeatureHeadAlgorithm", "MAML", "MatchingNet", "MetaSGD",
-           "MultiTask", "Predictor", "ProtoNet", "R2D2", "Reptile", "algorithm_norm", "algorithm_spec", "build_algorithm",
+           "MultiTask", "Predictor", "ProtoMAML", "ProtoNet", "R2D2", "Reptile", "algorithm_norm", "algorithm_spec", "build_algorithm",
            "option_defaults"]

@@ -70,6 +70,10 @@ class Algorithm(nn.Module):
     #: per-task training loops on CPU: worker threads, one task per core ('auto'), or a number
     #: (1: one task after another); see :mod:`metalab.algorithms.task_threads`
     task_threads: int | str = "auto"
+    #: how far meta-training has come, 0 to 1 (set by the trainer before each step, as the learning
+    #: rate's schedule reads it); options that anneal over training read it (MAML++'s). Outside
+    #: training it stays 1: the end-of-training behaviour.
+    training_progress: float = 1.0
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

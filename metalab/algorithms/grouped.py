@@ -47,11 +47,14 @@ def grouped_features(backbone: nn.Module, fast: dict[str, torch.Tensor], x: torc
             key = f"{prefix}blocks.{i}"
             w, bias = fast[f"{key}.0.weight"], fast[f"{key}.0.bias"]
             out_ch = w.shape[1]
-            h = F.conv2d(h, w.reshape(t * out_ch, *w.shape[2:]), bias.reshape(t * out_ch), padding=1, groups=t)
+            h = F.conv2d(h, w.reshape(t * out_ch, *w.shape[2:]), bias.reshape(t * out_ch), stride=block[0].stride,
+                         padding=1, groups=t)
             if isinstance(block[1], BatchStatNorm):
                 h5 = h.view(b, t, out_ch, *h.shape[2:])
                 h = _task_norm(h5, fast[f"{key}.1.weight"], fast[f"{key}.1.bias"], block[1].eps).view_as(h)
-            h = F.relu(F.max_pool2d(h, 2))  # the block order (see conv_block)
+            h = F.relu(h) if backbone.downsample == "stride" else F.relu(F.max_pool2d(h, 2))  # see conv_block
+        if backbone.downsample == "stride":
+            return h.view(b, t, out_ch, -1).mean(-1).transpose(0, 1)
         return h.view(b, t, -1).transpose(0, 1)
     h = x.flatten(2)  # MLP: [T, B, D_in]
     for i, layer in enumerate(backbone.net):

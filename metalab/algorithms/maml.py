@@ -22,6 +22,14 @@ MAML's original training) or by the support's (``'support'``, as at prediction);
 ``benchmarks/maml_query_stats.py`` measures both (``'batch'`` trains better, and predicting with
 the support's statistics costs nothing against the transductive scores).
 
+MAML++ options (Antoniou, Edwards & Storkey, ICLR 2019, "How to train your MAML"), all off by
+default: ``learned_step_sizes`` (LSLR: one learned inner step size per fast weight tensor and per
+inner step, starting at ``inner_lr``); ``multi_step_loss_until`` (MSL: the outer loss weighs the
+query loss after every inner step, annealed from equal weights to almost all on the last step
+over this fraction of training); ``first_order_until`` (derivative-order annealing: first-order
+gradients for this fraction of training, second order after). Training progress comes from the
+trainer (:attr:`~metalab.algorithms.base.Algorithm.training_progress`).
+
 Execution (``execution=``): ``"loop"`` runs tasks one after another; ``"vmap"`` batches them with
 ``torch.func.vmap``/``torch.func.grad``; ``"grouped"`` applies every task's weights at once as
 grouped convolutions / batched matmuls (:mod:`metalab.algorithms.grouped`). ``"auto"`` picks
@@ -40,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from metalab.algorithms.base import Algorithm, Predictor, check_task, sub_params
 from metalab.algorithms.grouped import grouped_features, supports_grouped
 from metalab.algorithms.task_threads import module_for_thread, per_task_backward
-from metalab.models.backbones import BatchStatNorm, plain_norm_ops, reference_rows
+from metalab.models.backbones import BatchStatNorm, normalised_biases, plain_norm_ops, reference_rows
 from metalab.data.episodes import Episodes
 from metalab.errors import ConfigError
 
@@ -64,8 +72,15 @@ class MAML(Algorithm):
         head: str = "row",
         head_ways: int = 5,
         query_stats: str = "batch",
+        learned_step_sizes: bool = False,
+        multi_step_loss_until: float = 0.0,
+        first_order_until: float = 0.0,
     ) -> None:
         super().__init__(backbone)
+        for key, value in (("multi_step_loss_until", multi_step_loss_until), ("first_order_until", first_order_until)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}={value!r} is invalid; give the fraction of training (0 to 1; 0 turns it off).")
+        self.multi_step_loss_until, self.first_order_until = float(multi_step_loss_until), float(first_order_until)
         if query_stats not in ("support", "batch"):
             raise ConfigError(f"query_stats='{query_stats}' is unknown; use 'support' (queries normalised by their task's "
                               "support statistics, as at prediction) or 'batch' (by the query batch's own, transductive).")
@@ -101,11 +116,43 @@ class MAML(Algorithm):
             self.invariant_params = ("head_weight", "head_bias")
         if first_order:
             self.name = "fomaml"
+        self.learned_step_sizes = learned_step_sizes
+        if learned_step_sizes:  # LSLR: [inner_steps] rates per fast weight tensor, in task_init's key order
+            keys = self.fast_keys()
+            self.step_sizes = nn.ParameterList([nn.Parameter(torch.full((inner_steps,), float(inner_lr))) for _ in keys])
+            self._step_size_of = {key: f"step_sizes.{i}" for i, key in enumerate(keys)}
+            # a bias that a norm cancels has an inner gradient of round-off only, and so has its rate
+            cancelled = {f"backbone.{n}" for n in normalised_biases(backbone)}
+            self.invariant_params = tuple(self.invariant_params) + tuple(
+                name for key, name in self._step_size_of.items() if key in cancelled)
+
+    def fast_keys(self) -> list[str]:
+        """The names of the fast weights (``backbone.*``, ``head.weight``, ``head.bias``)."""
+        return [f"backbone.{k}" for k, _ in self.backbone.named_parameters()] + ["head.weight", "head.bias"]
+
+    def second_order_now(self) -> bool:
+        """Whether this step differentiates through the inner loop (not first order, and past
+        ``first_order_until`` of training)."""
+        return not self.first_order and self.training_progress >= self.first_order_until
+
+    def step_loss_weights(self, steps: int) -> list[float]:
+        """Weights of the query losses after inner steps ``1..steps`` in the outer loss: ``[0, …, 1]``
+        without MSL; with it MAML++'s annealing (equal weights at the start of training, then the
+        earlier steps decay to ``0.03 / steps`` and the last takes the rest by
+        ``multi_step_loss_until`` of training)."""
+        if self.multi_step_loss_until <= 0 or steps == 1:
+            return [0.0] * (steps - 1) + [1.0]
+        f = min(1.0, self.training_progress / self.multi_step_loss_until)
+        floor = 0.03 / steps
+        early = [max(1.0 / steps - f / steps, floor)] * (steps - 1)
+        return early + [min(1.0 / steps + f * (steps - 1) / steps, 1.0 - (steps - 1) * floor)]
 
     # -- functional pieces -------------------------------------------------------------------
-    def task_init(self, params: Params, ways: int) -> Params:
+    def task_init(self, params: Params, ways: int, support_x: torch.Tensor | None = None,
+                  support_y: torch.Tensor | None = None) -> Params:
         """The starting point of adaptation: backbone weights and the head (its row copied
-        ``ways`` times for classification)."""
+        ``ways`` times for classification). The support set is for methods whose start depends on
+        it (Proto-MAML)."""
         fast = {k: v for k, v in params.items() if k.startswith("backbone.")}
         if self.head == "per-class":
             if ways != self.head_ways:
@@ -120,9 +167,14 @@ class MAML(Algorithm):
             fast["head.weight"], fast["head.bias"] = params["head_weight"], params["head_bias"]
         return fast
 
-    def inner_lrs(self, params: Params) -> dict[str, float | torch.Tensor]:
-        """Step size of each fast weight (a constant here; learned per parameter in Meta-SGD)."""
-        return {k: self.inner_lr for k in self.task_init(params, self.head_ways if self.head == "per-class" else 1)}
+    def inner_lrs(self, params: Params, step: int = 0) -> dict[str, float | torch.Tensor]:
+        """Step size of each fast weight at inner step ``step`` (a constant; learned per tensor and
+        step with ``learned_step_sizes``, the last learned one for steps beyond ``inner_steps``;
+        learned per element in Meta-SGD)."""
+        if self.learned_step_sizes:
+            i = min(step, self.inner_steps - 1)
+            return {k: params[name][i] for k, name in self._step_size_of.items()}
+        return {k: self.inner_lr for k in self.fast_keys()}
 
     def forward_fast(self, fast: Params, x: torch.Tensor) -> torch.Tensor:
         """``[B, ...]`` → ``[B, ways]`` logits (or ``[B, outputs]`` predictions) under ``fast``."""
@@ -151,10 +203,13 @@ class MAML(Algorithm):
     def metric_name(self) -> str:
         return "acc" if self.task == "classification" else "mse"
 
-    def inner_loop(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, ways: int, steps: int, create_graph: bool) -> Params:
-        fast = self.task_init(params, ways)
-        lrs = self.inner_lrs(params)
+    def inner_loop(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, ways: int, steps: int, create_graph: bool,
+                   every_step: bool = False) -> Params | list[Params]:
+        """The fast weights after ``steps`` SGD steps on the support ``sx [S, ...]``, ``sy [S]``
+        (``every_step``: the list of them after each step)."""
+        fast = self.task_init(params, ways, sx, sy)
         keys = list(fast)
+        lrs: dict = {}
 
         def step(*weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
             # under bf16 autocast (train.precision) the support pass stays fp32: the fast weights
@@ -165,14 +220,29 @@ class MAML(Algorithm):
                 grads = torch.autograd.grad(loss, weights, create_graph=create_graph)
                 return tuple(w - lrs[k] * g for k, w, g in zip(keys, weights, grads))
 
-        weights = tuple(fast.values())
-        for _ in range(steps):
-            if self.checkpoint_inner and create_graph and torch.is_grad_enabled():
+        weights, trail = tuple(fast.values()), []
+        for i in range(steps):
+            lrs = self.inner_lrs(params, i)
+            if self.checkpoint_inner and create_graph and torch.is_grad_enabled() and not self.learned_step_sizes:
                 # keep only each step's fast weights; recompute its graph during the meta-backward
                 weights = checkpoint(step, *weights, use_reentrant=False)
             else:
                 weights = step(*weights)
-        return dict(zip(keys, weights))
+            if every_step:
+                trail.append(dict(zip(keys, weights)))
+        return trail if every_step else dict(zip(keys, weights))
+
+    def task_query_loss(self, params: Params, sx, sy, qx, qy, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One task's outer loss and score: the query loss of the adapted weights (with MSL, the
+        weighted query losses after each inner step; the score is the last step's)."""
+        weights = self.step_loss_weights(self.inner_steps)
+        trail = self.inner_loop(params, sx, sy, ways, self.inner_steps, self.second_order_now(), every_step=True)
+        loss = 0.0
+        for w, fast in zip(weights, trail):
+            if w > 0:
+                out = self.query_outputs(fast, sx, qx)
+                loss = loss + w * self.loss_fn(out, qy)
+        return loss, self.score(out.detach(), qy)
 
     def execution_for(self, device: torch.device) -> str:
         """The execution ``auto`` resolves to on ``device``."""
@@ -191,12 +261,11 @@ class MAML(Algorithm):
             losses, scores = self._grouped_losses(params, batch)
         else:
             losses, scores = [], []
-            create_graph = not self.first_order
             for t in range(batch.tasks):
-                fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
-                out = self.query_outputs(fast, batch.support_x[t], batch.query_x[t])
-                losses.append(self.loss_fn(out, batch.query_y[t]))
-                scores.append(self.score(out.detach(), batch.query_y[t]))
+                loss, score = self.task_query_loss(params, batch.support_x[t], batch.support_y[t], batch.query_x[t],
+                                                   batch.query_y[t], batch.ways)
+                losses.append(loss)
+                scores.append(score)
             losses, scores = torch.stack(losses), torch.stack(scores)
         loss = losses.mean()
         return loss, {"loss": loss.item(), self.metric_name: scores.mean().item()}
@@ -207,12 +276,9 @@ class MAML(Algorithm):
         :attr:`task_threads` threads. The gradients are the same."""
         if self.execution_for(batch.support_x.device) != "loop":
             return super().meta_backward(params, batch)
-        create_graph = not self.first_order
-
         def task_loss(t: int):
-            fast = self.inner_loop(params, batch.support_x[t], batch.support_y[t], batch.ways, self.inner_steps, create_graph)
-            out = self.query_outputs(fast, batch.support_x[t], batch.query_x[t])
-            return self.loss_fn(out, batch.query_y[t]), self.score(out.detach(), batch.query_y[t])
+            return self.task_query_loss(params, batch.support_x[t], batch.support_y[t], batch.query_x[t],
+                                        batch.query_y[t], batch.ways)
 
         workers = self.task_workers(batch, buffers_passed=False)
         results = per_task_backward(task_loss, batch.tasks, workers, self.trainable(), [self.backbone])
@@ -238,44 +304,54 @@ class MAML(Algorithm):
         return (out - y).pow(2).flatten(1).mean(1)
 
     def grouped_inner_loop(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, ways: int, steps: int,
-                           create_graph: bool) -> Params:
-        """Every task's adapted weights ``[T, ...]`` after ``steps`` SGD steps, in one pass per step."""
+                           create_graph: bool) -> list[Params]:
+        """Every task's adapted weights ``[T, ...]`` after each of ``steps`` SGD steps, in one pass per step."""
         t = sx.shape[0]
         fast = {k: v.unsqueeze(0).expand(t, *v.shape) for k, v in self.task_init(params, ways).items()}
-        lrs = self.inner_lrs(params)
-        for _ in range(steps):
+        trail = []
+        for i in range(steps):
+            lrs = self.inner_lrs(params, i)
             loss = self.task_losses(self.forward_grouped(fast, sx), sy).sum()
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
             fast = {k: w - lrs[k] * g for (k, w), g in zip(fast.items(), grads)}
-        return fast
+            trail.append(fast)
+        return trail
 
     def _grouped_losses(self, params: Params, batch: Episodes):
-        fast = self.grouped_inner_loop(params, batch.support_x, batch.support_y, batch.ways, self.inner_steps,
-                                       create_graph=not self.first_order)
-        if self.query_stats == "batch":
-            out = self.forward_grouped(fast, batch.query_x)
-        else:
-            n = batch.support_x.shape[1]
-            with reference_rows(n):
-                out = self.forward_grouped(fast, torch.cat([batch.support_x, batch.query_x], 1))[:, n:]
-        return self.task_losses(out, batch.query_y), self.task_scores(out.detach(), batch.query_y)
+        trail = self.grouped_inner_loop(params, batch.support_x, batch.support_y, batch.ways, self.inner_steps,
+                                        create_graph=self.second_order_now())
+        losses = 0.0
+        for w, fast in zip(self.step_loss_weights(self.inner_steps), trail):
+            if w == 0:
+                continue
+            if self.query_stats == "batch":
+                out = self.forward_grouped(fast, batch.query_x)
+            else:
+                n = batch.support_x.shape[1]
+                with reference_rows(n):
+                    out = self.forward_grouped(fast, torch.cat([batch.support_x, batch.query_x], 1))[:, n:]
+            losses = losses + w * self.task_losses(out, batch.query_y)
+        return losses, self.task_scores(out.detach(), batch.query_y)
 
     def _vmapped_losses(self, params: Params, batch: Episodes):
-        ways, steps, first_order = batch.ways, self.inner_steps, self.first_order
-        lrs = self.inner_lrs(params)
+        ways, steps, first_order = batch.ways, self.inner_steps, not self.second_order_now()
+        weights = self.step_loss_weights(steps)
 
         def support_loss(fast, sx, sy):
             return self.loss_fn(self.forward_fast(fast, sx), sy)
 
         def task(sx, sy, qx, qy):
-            fast = self.task_init(params, ways)
-            for _ in range(steps):
+            fast, loss = self.task_init(params, ways, sx, sy), 0.0
+            for i in range(steps):
+                lrs = self.inner_lrs(params, i)
                 g = grad(support_loss)(fast, sx, sy)
                 if first_order:
                     g = {k: v.detach() for k, v in g.items()}
                 fast = {k: w - lrs[k] * g[k] for k, w in fast.items()}
-            out = self.query_outputs(fast, sx, qx)
-            return self.loss_fn(out, qy), self.score(out.detach(), qy)
+                if weights[i] > 0:
+                    out = self.query_outputs(fast, sx, qx)
+                    loss = loss + weights[i] * self.loss_fn(out, qy)
+            return loss, self.score(out.detach(), qy)
 
         return vmap(task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 

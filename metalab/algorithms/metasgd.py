@@ -18,11 +18,11 @@ class MetaSGD(MAML):
         self.name = "metasgd"
         params = dict(self.named_parameters())
         lrs, self._lr_of = [], {}
-        for i, key in enumerate(self.task_init(params, 1)):  # one learned rate tensor per fast weight
+        for i, key in enumerate(self.fast_keys()):  # one learned rate tensor per fast weight
             base = params["head_weight" if key == "head.weight" else "head_bias" if key == "head.bias" else key]
             lrs.append(nn.Parameter(torch.full_like(base, self.inner_lr)))
             self._lr_of[key] = f"inner_lrs_.{i}"
         self.inner_lrs_ = nn.ParameterList(lrs)
 
-    def inner_lrs(self, params):
+    def inner_lrs(self, params, step=0):
         return {key: params[name] for key, name in self._lr_of.items()}

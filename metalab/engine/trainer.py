@@ -311,6 +311,13 @@ class MetaTrainer:
         clock = time.process_time if t.budget_clock == "cpu" else time.perf_counter
         start = clock()
         elapsed = lambda: self.elapsed_before + clock() - start  # noqa: E731
+        self.algorithm.train()
+        try:
+            return self._train_loop(t, elapsed)
+        finally:
+            self.algorithm.training_progress = 1.0  # evaluation and adaptation: the end-of-training behaviour
+
+    def _train_loop(self, t, elapsed: Callable[[], float]) -> TrainResult:
         step, stopped_by, last = self.start_step, "steps", {}
         # The schedule follows the steps: a time budget stops the run and never changes its learning rates,
         # so a run that finishes its steps ends on the same weights however busy the machine was. With
@@ -318,7 +325,6 @@ class MetaTrainer:
         # step (start-up: lazy set-up, cold caches), and does not run during it.
         first_spent, startup = None, None
         window_t, window_tasks, validating = time.perf_counter(), 0, 0.0
-        self.algorithm.train()
         with progress_bar(f"train {t.algo}", t.steps, enabled=self.show_progress, status=True) as bar, \
                 StopRequest(enabled=not self.dist.active) as stop:
             bar.advance(step)
@@ -339,6 +345,7 @@ class MetaTrainer:
                     progress = max(progress, (spent - startup) / (t.time_budget - startup))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_at(self.config, progress)
+                self.algorithm.training_progress = progress
                 if self.planner is not None:
                     self.planner.progress = progress
                     if self.planner.strategy == "hard" and step % t.planner_refresh == 0:
