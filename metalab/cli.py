@@ -105,6 +105,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16: bfloat16 mixed-precision training steps (faster on CPUs with AVX-512-BF16/AMX and recent GPUs)."),
     seed: Optional[int] = typer.Option(None, help="Seed of initialisation and episode sampling."),
+    init_from: Optional[str] = typer.Option(None, help="Start the backbone from this run folder's weights (e.g. a ProtoNet run under --algo maml); same backbone and hidden width."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: --set train.algo_options.inner_lr=0.1"),
     out: Optional[Path] = typer.Option(None, help="Run folder to create (default runs/<name>-<time>)."),
     resume: Optional[Path] = typer.Option(None, help="Continue this run folder from its last good checkpoint, with its own config.yaml (only --device may be given too)."),
@@ -127,7 +128,7 @@ def train(
     flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
              "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
              "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
-             "train.planner": planner}
+             "train.planner": planner, "train.init_from": init_from}
     if resume is not None:
         given = [{"data.source": "--data"}.get(key, f"--{key.split('.')[1].replace('_', '-')}")
                  for key, value in flags.items() if value is not None and key != "train.device"]

@@ -194,3 +194,51 @@ def test_strided_conv4_is_the_maml_papers_network(omniglot):
     maml = MAML(build_backbone("conv4-strided", (1, 28, 28), hidden=8, norm="task-batch"), inner_steps=2).double()
     torch.nn.init.normal_(maml.head_weight, std=0.1)
     _assert_same(_grads(maml, _batch(omniglot), ("loop", "vmap", "grouped")))
+
+
+def test_init_from_starts_the_backbone_from_another_runs_weights(clusters, tmp_path):
+    from helpers import cluster_config, train_on
+
+    source = train_on(clusters, cluster_config("protonet", steps=5), tmp_path / "protonet")
+    source.train()
+    cfg = cluster_config("maml", steps=1, algo_options={"inner_steps": 1})
+    cfg.train.init_from = str(tmp_path / "protonet")
+    lines = []
+    from metalab.engine import MetaTrainer
+    from helpers import cluster_splits
+
+    trainer = MetaTrainer(cfg, tmp_path / "maml", splits=cluster_splits(clusters), show_progress=False, log=lines.append)
+    theirs = dict(source.algorithm.backbone.named_parameters())
+    for name, p in trainer.algorithm.backbone.named_parameters():
+        assert torch.equal(p, theirs[name]), name
+    assert any("backbone initialised from" in line and "protonet, step 5" in line for line in lines)
+    fresh = MetaTrainer(cluster_config("maml", steps=1), tmp_path / "fresh", splits=cluster_splits(clusters),
+                        show_progress=False, log=lambda m: None)
+    assert not torch.equal(fresh.algorithm.backbone.net[0].weight, theirs["net.0.weight"])
+    wide = cluster_config("maml", steps=1, hidden=8)
+    wide.train.init_from = str(tmp_path / "protonet")
+    with pytest.raises(ConfigError, match=r"train.init_from='.*protonet' has a 'mlp' backbone \(hidden 16\) that does "
+                                          r"not fit this run's 'mlp' \(hidden 8\)"):
+        MetaTrainer(wide, tmp_path / "wide", splits=cluster_splits(clusters), show_progress=False, log=lambda m: None)
+
+
+def test_protonet_test_feature_norm_scores_by_cosine_at_evaluation_only():
+    from metalab.algorithms.protonet import ProtoNet
+
+    torch.manual_seed(0)
+    net = ProtoNet(build_backbone("mlp", (6,), hidden=4, norm="batch"), test_feature_norm="centre-l2")
+    sz, qz = torch.randn(1, 6, 5) * 3 + 2, torch.randn(1, 4, 5) * 3 + 2
+    sy = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    net.train()
+    with torch.enable_grad():  # training: squared Euclidean, as always
+        trained = net.classify_features(sz, sy, qz, 3)
+    from metalab.algorithms.protonet import neg_sq_distance, prototypes
+
+    assert torch.allclose(trained, neg_sq_distance(qz, prototypes(sz, sy, 3)))
+    net.eval()
+    centred_s, centred_q = sz - sz.mean(1, keepdim=True), qz - sz.mean(1, keepdim=True)
+    expected = F.cosine_similarity(F.normalize(centred_q, dim=-1)[:, :, None],
+                                   prototypes(F.normalize(centred_s, dim=-1), sy, 3)[:, None], dim=-1)
+    assert torch.allclose(net.classify_features(sz, sy, qz, 3), 10 * expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="test_feature_norm='zca' is unknown"):
+        ProtoNet(build_backbone("mlp", (6,), hidden=4), test_feature_norm="zca")

@@ -5,6 +5,12 @@ squared Euclidean distance to each prototype. In training the backbone runs task
 (each task normalised by its own batch statistics, see
 :class:`~metalab.algorithms.base.FeatureHeadAlgorithm`); prototypes for all tasks are one batched
 matrix product.
+
+``test_feature_norm`` changes how a trained network is *used* (adaptation and evaluation only,
+not training): ``'l2'`` scores by cosine similarity to the prototypes (features L2-normalised),
+``'centre-l2'`` first subtracts the support set's mean feature (SimpleShot's centring, Wang et
+al. 2019, with the task's own support as the reference, so a prediction still depends on the
+support and the input only), then L2-normalises.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from metalab.algorithms.base import FeatureHeadAlgorithm
+from metalab.errors import ConfigError
+
+FEATURE_NORMS = ("none", "l2", "centre-l2")
 
 
 def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
@@ -29,8 +38,28 @@ def neg_sq_distance(query_z: torch.Tensor, protos: torch.Tensor) -> torch.Tensor
     )
 
 
+def normalise_features(support_z: torch.Tensor, query_z: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T, S, D]``, ``[T, M, D]`` features under ``how`` (one of :data:`FEATURE_NORMS`)."""
+    if how == "centre-l2":
+        centre = support_z.mean(1, keepdim=True)
+        support_z, query_z = support_z - centre, query_z - centre
+    if how in ("l2", "centre-l2"):
+        support_z, query_z = F.normalize(support_z, dim=-1), F.normalize(query_z, dim=-1)
+    return support_z, query_z
+
+
 class ProtoNet(FeatureHeadAlgorithm):
     name = "protonet"
 
+    def __init__(self, backbone, test_feature_norm: str = "none") -> None:
+        super().__init__(backbone)
+        if test_feature_norm not in FEATURE_NORMS:
+            raise ConfigError(f"test_feature_norm='{test_feature_norm}' is unknown; use one of: {', '.join(FEATURE_NORMS)}.")
+        self.test_feature_norm = test_feature_norm
+
     def classify_features(self, support_z, support_y, query_z, ways, params=None):
+        if self.test_feature_norm != "none" and not (self.training and torch.is_grad_enabled()):
+            support_z, query_z = normalise_features(support_z, query_z, self.test_feature_norm)
+            # scaled cosine: the ranking of the prototypes is the cosine's; the scale keeps softmax scores readable
+            return 10.0 * query_z @ F.normalize(prototypes(support_z, support_y, ways), dim=-1).transpose(1, 2)
         return neg_sq_distance(query_z, prototypes(support_z, support_y, ways))

@@ -101,6 +101,7 @@ class TrainConfig:
     precision: str = "fp32"  #: 'fp32', or 'bf16': bfloat16 mixed precision for the training step (weights, optimiser, eval stay fp32)
     task_threads: int | str = "auto"  #: per-task training loops on CPU: 'auto' (one task per core, side by side) or a number of threads (1: one task after another)
     memory_format: str = "auto"  #: conv4 layout: 'auto' (channels-last on CPU: faster), 'channels_last', or 'contiguous' (NCHW: tighter fp32 gradients on CPU)
+    init_from: str | None = None  #: a run folder whose backbone weights start this run (its newest good checkpoint), e.g. a ProtoNet run under MAML
     planner: str = "uniform"  #: task planner: uniform, domain-balanced, curriculum (easy → hard), hard (hard-task mining)
     planner_every: int = 10  #: feed the planner the learner's errors every this many steps
     planner_refresh: int = 250  #: hard mining: recompute each class's nearest classes every this many steps
@@ -235,6 +236,8 @@ class RunConfig:
                               "or a whole number >= 1 (1: tasks one after another).")
         if t.memory_format not in MEMORY_FORMATS:
             raise ConfigError(f"train.memory_format='{t.memory_format}' is unknown; use one of: {', '.join(MEMORY_FORMATS)}.")
+        if t.init_from is not None and not (isinstance(t.init_from, str) and t.init_from.strip()):
+            raise ConfigError(f"train.init_from={t.init_from!r} is invalid; give the path of a run folder or leave it empty.")
         if t.time_budget is not None and not t.time_budget > 0:
             raise ConfigError(f"train.time_budget={t.time_budget!r} is invalid; give seconds > 0 or leave it empty.")
         self._validate_rl()

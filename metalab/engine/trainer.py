@@ -217,6 +217,8 @@ class MetaTrainer:
                 check_eval_fits(config, self.splits.test, self.log)
         self.example_shape = list(example_shape)
         self.algorithm = build_model(config, example_shape, self.device, self.context)
+        if t.init_from and not resume:  # (a resumed run has its own weights in its checkpoint)
+            self.log(init_backbone_from(self.algorithm, t.init_from, config))
         if self.dist.active:
             if not getattr(self.algorithm, "per_task_norm", False):  # per-task statistics need no sync
                 sync_batch_norm(self.algorithm)
@@ -443,6 +445,29 @@ def refuse_regression_run(path: Path, config: RunConfig) -> None:
     if is_task_family(config.data.source):
         raise ConfigError(f"'{path}' is a regression run ({config.data.source} tasks): it fits a function to a few "
                           "points and has no classes for this command; use `metalab eval` or `metalab report` on it.")
+
+
+def init_backbone_from(algorithm: Algorithm, run_dir: str | Path, config: RunConfig) -> str:
+    """Copy the backbone of run folder ``run_dir`` (its newest good checkpoint: weights, and
+    running statistics where both backbones keep them) into ``algorithm``'s, whatever algorithm
+    trained it (norm layers of both kinds share their scales and shifts). Refused in one sentence
+    when the backbones differ in shape. Returns a line saying what was copied."""
+    source_config, source, info = load_trained(run_dir, "cpu")
+    theirs = source.backbone.state_dict()
+    ours = algorithm.backbone.state_dict()
+    mine = dict(algorithm.backbone.named_parameters())
+    t, s = config.train, source_config.train
+    missing = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    if missing:
+        raise ConfigError(f"train.init_from='{run_dir}' has a '{s.backbone}' backbone (hidden {s.hidden}) that does not fit "
+                          f"this run's '{t.backbone}' (hidden {t.hidden}): {missing[0]} differs; train both with the same "
+                          "train.backbone and train.hidden.")
+    copied = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    with torch.no_grad():
+        for k, v in copied.items():
+            ours[k].copy_(v)
+    return (f"backbone initialised from '{run_dir}' ({s.algo}, step {info['step']}): {len(copied)} tensors; "
+            f"the head starts fresh")
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Path | None = None) -> tuple[RunConfig, Algorithm, dict]:
