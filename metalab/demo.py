@@ -15,8 +15,8 @@ from metalab.engine.trainer import MetaTrainer
 
 def demo_config(time_budget: float = 420.0) -> RunConfig:
     """The demo's recipe: 60-way 1-shot 5-query training episodes (higher way than tested, as in
-    Snell et al.), rotation classes, small random affine jitter, Adam 2e-3 with warm-up and cosine decay annealed over
-    whichever comes first of 1000 steps or ``time_budget`` seconds."""
+    Snell et al.), rotation classes, small random affine jitter, Adam 2e-3 with warm-up and cosine decay over
+    1000 steps; ``time_budget`` seconds stop it early on a slow machine (a safety net, not a schedule)."""
     return RunConfig(
         name="demo",
         data=DataConfig(source="omniglot", image_size=28, val_fraction=0.1, split_seed=0, rotations=True, augment=True),
