@@ -1,3 +1,5 @@
+import copy
+import math
 import re
 
 import pytest
@@ -288,14 +290,17 @@ def test_feature_head_training_normalises_each_task_by_its_own_statistics(omnigl
     assert int(bn.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("algo", ["protonet", "anil", "matchingnet", "r2d2"])
+@pytest.mark.parametrize("algo", ["protonet", "protonet+global_loss", "anil", "matchingnet", "r2d2"])
 def test_feature_head_per_task_backward_equals_the_meta_loss_gradient(omniglot, algo):
     """meta_backward back-propagates task by task; its loss, gradients and running statistics
     must be those of meta_loss(...).backward() over the whole meta-batch."""
     import copy
 
     torch.manual_seed(0)
-    per_task = build_algorithm(algo, build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch")).double()
+    algo, _, option = algo.partition("+")
+    options = {option: 0.5} if option else {}
+    per_task = build_algorithm(algo, build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch"), options,
+                               {"num_classes": omniglot.num_classes}).double()
     whole = copy.deepcopy(per_task)
     batch = _conv_batch(omniglot, tasks=4)
     batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
@@ -407,7 +412,8 @@ def test_a_backbone_gets_the_algorithms_normalisation_however_it_was_built():
     assert proto(support, labels, torch.rand(4, 1, 28, 28)).shape == (4, 3)
 
 
-@pytest.mark.parametrize("algo", sorted(a for a, spec in ALGORITHMS.items() if "classification" in spec.tasks))
+@pytest.mark.parametrize("algo", sorted(a for a, spec in ALGORITHMS.items() if "classification" in spec.tasks)
+                         + ["protonet+test_views=dihedral"])
 def test_a_prediction_does_not_depend_on_the_rest_of_the_batch(algo, omniglot):
     """Each input scored alone gets the scores it gets in a batch. MAML-family methods normalise by
     batch statistics; they used to normalise a query by the statistics of the queries sent with it,
@@ -417,8 +423,11 @@ def test_a_prediction_does_not_depend_on_the_rest_of_the_batch(algo, omniglot):
     from metalab.engine.trainer import build_model
 
     torch.manual_seed(0)
-    cfg = RunConfig.from_dict({"train": {"algo": algo, "backbone": "conv4", "hidden": 8,
-                                         "algo_options": {"test_inner_steps": 2} if ALGORITHMS[algo].cls.__name__ in ("MAML", "Reptile", "MetaSGD", "ANIL") else {}}})
+    algo, _, option = algo.partition("+")
+    options = {"test_inner_steps": 2} if ALGORITHMS[algo].cls.__name__ in ("MAML", "Reptile", "MetaSGD", "ANIL") else {}
+    if option:
+        options[option.split("=")[0]] = option.split("=")[1]
+    cfg = RunConfig.from_dict({"train": {"algo": algo, "backbone": "conv4", "hidden": 8, "algo_options": options}})
     ctx = {"task": "classification", "num_classes": omniglot.num_classes, "class_domains": omniglot.class_domains.tolist()}
     algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), ctx)
     algorithm.train()
@@ -466,3 +475,69 @@ def test_support_statistics_for_queries_give_the_same_gradients_in_every_executi
         assert torch.allclose(whole[:4], part, atol=1e-10) is independent, stats
     with pytest.raises(ConfigError, match="query_stats='none' is unknown; use 'support'"):
         MAML(backbone, query_stats="none")
+
+
+def test_protonet_global_loss_trains_a_classifier_over_all_classes_and_never_predicts_with_it(omniglot):
+    """global_loss adds a cross-entropy over every meta-train class on the episode's features: the
+    classifier and the backbone get its gradient; adaptation and predictions use prototypes only;
+    off (0, the default) the network has no classifier, as before."""
+    torch.manual_seed(0)
+    backbone = build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch")
+    plain = build_algorithm("protonet", copy.deepcopy(backbone), {}, {"num_classes": omniglot.num_classes})
+    aux = build_algorithm("protonet", copy.deepcopy(backbone), {"global_loss": 1.0}, {"num_classes": omniglot.num_classes})
+    assert not any("global_head" in k for k in plain.state_dict())
+    assert aux.global_head.weight.shape == (omniglot.num_classes, backbone.out_dim)
+    batch = _conv_batch(omniglot, tasks=2)
+    plain.train(), aux.train()
+    loss_plain, _ = plain.meta_backward(plain.params(), batch)
+    loss_aux, _ = aux.meta_backward(aux.params(), batch)
+    # at initialisation the classifier's loss is about log(classes) and adds to the episode loss
+    assert loss_aux - loss_plain > 0.5 * math.log(omniglot.num_classes)
+    assert aux.global_head.weight.grad.abs().sum() > 0
+    first = next(n for n, _ in plain.named_parameters())
+    assert not torch.allclose(dict(plain.named_parameters())[first].grad, dict(aux.named_parameters())[first].grad)
+    plain.eval(), aux.eval()
+    aux.load_state_dict({**aux.state_dict(), **plain.state_dict()})  # same backbone, classifier kept
+    x, y = batch.support_x[0], batch.support_y[0]
+    assert torch.equal(plain.adapt(plain.params(), x, y, 5).logits(batch.query_x[0]),
+                       aux.adapt(aux.params(), x, y, 5).logits(batch.query_x[0]))
+    with pytest.raises(ConfigError, match="global_loss=-1 is invalid"):
+        build_algorithm("protonet", backbone, {"global_loss": -1}, {"num_classes": omniglot.num_classes})
+
+
+@pytest.mark.parametrize("views", ["rotations", "dihedral"])
+def test_protonet_test_views_add_the_distances_of_every_view_at_test_only(omniglot, views):
+    """test_views scores an image by its 0/90/180/270° turns (and, dihedral, their mirror images):
+    outside training the features are the views side by side, so a query's score is the sum of
+    its per-view scores; training sees one view; inputs that are not square images are one
+    sentence, and an unknown choice too."""
+    from metalab.algorithms.protonet import neg_sq_distance, prototypes
+
+    torch.manual_seed(0)
+    net = build_algorithm("protonet", build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch"),
+                          {"test_views": views}).eval()
+    batch = _conv_batch(omniglot, tasks=1)
+    sx, sy, qx = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+    logits = net.adapt(net.params(), sx, sy, 5).logits(qx)
+    turns = [lambda x, k=k: torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    if views == "dihedral":
+        turns += [lambda x, k=k: torch.rot90(x.flip(-1), k, dims=(-2, -1)) for k in range(4)]
+    expected = sum(neg_sq_distance(one_view_features(net, view(qx))[None],
+                                   prototypes(one_view_features(net, view(sx))[None], sy[None], 5))[0]
+                   for view in turns)
+    assert net.encode(net.params(), sx).shape == (len(sx), len(turns) * net.backbone.out_dim)
+    assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-3)
+    net.train()
+    assert net.encode(net.params(), sx).shape == (len(sx), net.backbone.out_dim)
+    vectors = build_algorithm("protonet", build_backbone("mlp", (6,), hidden=4), {"test_views": views}).eval()
+    with pytest.raises(ConfigError, match=rf"test_views='{views}' needs square images \[B, C, H, W\]; got inputs of shape \[3, 6\]"):
+        vectors.encode(vectors.params(), torch.rand(3, 6))
+    with pytest.raises(ConfigError, match="test_views='flips' is unknown"):
+        build_algorithm("protonet", build_backbone("mlp", (6,), hidden=4), {"test_views": "flips"})
+
+
+def one_view_features(net, x):
+    """The network's features of one view (the base class's encode)."""
+    from metalab.algorithms.base import FeatureHeadAlgorithm
+
+    return FeatureHeadAlgorithm.encode(net, net.params(), x)

@@ -196,6 +196,22 @@ def test_strided_conv4_is_the_maml_papers_network(omniglot):
     _assert_same(_grads(maml, _batch(omniglot), ("loop", "vmap", "grouped")))
 
 
+def test_spatial_conv4_keeps_the_last_blocks_positions_at_conv4s_cost(omniglot):
+    """conv4-spatial is conv4 without the last max-pool: the same weights give 576 features whose
+    per-position maxima are conv4's 64, and every execution of MAML's inner loop agrees on it."""
+    torch.manual_seed(0)
+    spatial = build_backbone("conv4-spatial", (1, 28, 28), hidden=64, norm="batch").eval()
+    pooled = build_backbone("conv4", (1, 28, 28), hidden=64, norm="batch").eval()
+    pooled.load_state_dict(spatial.state_dict())  # the same parameters, name for name
+    x = torch.rand(3, 1, 28, 28)
+    assert spatial.out_dim == 576 and spatial(x).shape == (3, 576)
+    per_position = spatial(x).view(3, 64, 3, 3)
+    assert torch.allclose(per_position[..., :2, :2].amax((2, 3)), pooled(x), atol=1e-6)  # pooling drops the 3rd row/column
+    maml = MAML(build_backbone("conv4-spatial", (1, 28, 28), hidden=8, norm="task-batch"), inner_steps=2).double()
+    torch.nn.init.normal_(maml.head_weight, std=0.1)
+    _assert_same(_grads(maml, _batch(omniglot), ("loop", "vmap", "grouped")))
+
+
 def test_init_from_starts_the_backbone_from_another_runs_weights(clusters, tmp_path):
     from helpers import cluster_config, train_on
 

@@ -228,7 +228,9 @@ class FeatureHeadAlgorithm(Algorithm):
             def task_loss(i: int):
                 z = encode_task(params, torch.cat([batch.support_x[i], batch.query_x[i]]), slot=i)[None]
                 logits = self.classify_features(z[:, :s], batch.support_y[i : i + 1], z[:, s:], batch.ways, params)
-                return F.cross_entropy(logits[0], batch.query_y[i]), accuracy(logits.detach(), batch.query_y[i : i + 1])
+                loss = F.cross_entropy(logits[0], batch.query_y[i])
+                extra = self.auxiliary_loss(params, z[:, :s], z[:, s:], batch.task(i))
+                return (loss if extra is None else loss + extra), accuracy(logits.detach(), batch.query_y[i : i + 1])
 
             results = per_task_backward(task_loss, batch.tasks, workers, self.trainable(), [self.backbone])
         self.drop_invariant_grads()
@@ -239,7 +241,15 @@ class FeatureHeadAlgorithm(Algorithm):
         support_z, query_z = self.encode_episodes(params, batch)
         logits = self.classify_features(support_z, batch.support_y, query_z, batch.ways, params)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        if self.training and (extra := self.auxiliary_loss(params, support_z, query_z, batch)) is not None:
+            loss = loss + extra
         return loss, {"loss": loss.item(), "acc": accuracy(logits.detach(), batch.query_y).mean().item()}
+
+    def auxiliary_loss(self, params, support_z: torch.Tensor, query_z: torch.Tensor,
+                       batch: Episodes) -> torch.Tensor | None:
+        """An extra training term on the tasks' features ``[T, N*K, D]``, ``[T, N*Q, D]`` (averaged
+        over tasks like the episode loss), or None (the default: none)."""
+        return None
 
     def adapt(self, params, support_x, support_y, ways):
         check_task(support_x, support_y, ways)

@@ -52,7 +52,8 @@ def grouped_features(backbone: nn.Module, fast: dict[str, torch.Tensor], x: torc
             if isinstance(block[1], BatchStatNorm):
                 h5 = h.view(b, t, out_ch, *h.shape[2:])
                 h = _task_norm(h5, fast[f"{key}.1.weight"], fast[f"{key}.1.bias"], block[1].eps).view_as(h)
-            h = F.relu(h) if backbone.downsample == "stride" else F.relu(F.max_pool2d(h, 2))  # see conv_block
+            pooled = backbone.downsample == "pool" or (backbone.downsample == "pool3" and i < 3)
+            h = F.relu(F.max_pool2d(h, 2)) if pooled else F.relu(h)  # see conv_block
         if backbone.downsample == "stride":
             return h.view(b, t, out_ch, -1).mean(-1).transpose(0, 1)
         return h.view(b, t, -1).transpose(0, 1)

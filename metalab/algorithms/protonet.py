@@ -10,7 +10,11 @@ matrix product.
 not training): ``'l2'`` scores by cosine similarity to the prototypes (features L2-normalised),
 ``'centre-l2'`` first subtracts the support set's mean feature (SimpleShot's centring, Wang et
 al. 2019, with the task's own support as the reference, so a prediction still depends on the
-support and the input only), then L2-normalises.
+support and the input only), then L2-normalises. ``test_views`` scores every image by several
+views at once (its four 90° turns, and their mirror images: :meth:`ProtoNet.encode`).
+
+``global_loss`` adds a classifier over every meta-train class to training (see
+:meth:`ProtoNet.auxiliary_loss`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from metalab.algorithms.base import FeatureHeadAlgorithm
+from metalab.algorithms.baseline import global_labels
 from metalab.errors import ConfigError
 
 FEATURE_NORMS = ("none", "l2", "centre-l2")
+TEST_VIEWS = ("none", "rotations", "dihedral")
 
 
 def prototypes(support_z: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
@@ -49,13 +55,63 @@ def normalise_features(support_z: torch.Tensor, query_z: torch.Tensor, how: str)
 
 
 class ProtoNet(FeatureHeadAlgorithm):
+    """A class is the mean of its support features; a query scores ``-‖q - c‖²`` against each.
+
+    Options: ``test_feature_norm`` (``none``, ``l2``: cosine, ``centre-l2``: centred on the
+    support mean, then cosine; adaptation and evaluation only); ``test_views`` (``rotations``:
+    score every image by its four 90° turns at once, for networks trained with rotation classes;
+    ``dihedral``: those and their mirror images; adaptation and evaluation only, 4× or 8× the
+    encoding); ``global_loss`` (weight of an auxiliary
+    cross-entropy over every meta-train class in training; 0: off)."""
+
     name = "protonet"
 
-    def __init__(self, backbone, test_feature_norm: str = "none") -> None:
+    def __init__(self, backbone, test_feature_norm: str = "none", global_loss: float = 0.0,
+                 num_classes: int | None = None, test_views: str = "none") -> None:
         super().__init__(backbone)
+        if test_views not in TEST_VIEWS:
+            raise ConfigError(f"test_views='{test_views}' is unknown; use one of: {', '.join(TEST_VIEWS)}.")
+        self.test_views = test_views
         if test_feature_norm not in FEATURE_NORMS:
             raise ConfigError(f"test_feature_norm='{test_feature_norm}' is unknown; use one of: {', '.join(FEATURE_NORMS)}.")
+        if not (isinstance(global_loss, (int, float)) and not isinstance(global_loss, bool) and global_loss >= 0):
+            raise ConfigError(f"train.algo_options.global_loss={global_loss!r} is invalid; give a weight of 0 (off) or more.")
+        if global_loss > 0 and not num_classes:
+            raise ConfigError("ProtoNet's global_loss needs the number of meta-train classes (num_classes); "
+                              "train it with metalab train, which passes them.")
         self.test_feature_norm = test_feature_norm
+        self.global_loss = float(global_loss)
+        if global_loss > 0:  # a linear classifier over every meta-train class, used in training only
+            self.global_head = torch.nn.Linear(backbone.out_dim, int(num_classes))
+
+    def encode(self, params, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, D]`` of ``x [B, ...]``; with ``test_views`` outside training, the
+        features of every view of the image side by side (``[B, V·D]``): ``rotations``, the image
+        turned by 0, 90, 180 and 270° (views the network learnt classes of, with rotation
+        classes); ``dihedral``, those four and their mirror images. Squared distances add up
+        over the views: an ensemble of V from one network."""
+        z = super().encode(params, x)
+        if self.test_views == "none" or self.training:
+            return z
+        if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+            raise ConfigError(f"test_views='{self.test_views}' needs square images [B, C, H, W]; got inputs of shape "
+                              f"{list(x.shape)}; use test_views='none' for this data.")
+        views = [z]
+        for mirrored in (False, True) if self.test_views == "dihedral" else (False,):
+            image = x.flip(-1) if mirrored else x
+            views += [super(ProtoNet, self).encode(params, torch.rot90(image, k, dims=(-2, -1)))
+                      for k in ((0, 1, 2, 3) if mirrored else (1, 2, 3))]
+        return torch.cat(views, -1)
+
+    def auxiliary_loss(self, params, support_z, query_z, batch):
+        """``global_loss`` × cross-entropy of a linear classifier over all meta-train classes on
+        every support and query feature of the episode (an auxiliary term as in TADAM, Oreshkin et
+        al. 2018); prototypes and predictions never use the classifier."""
+        if self.global_loss == 0:
+            return None
+        z = torch.cat([support_z.flatten(0, 1), query_z.flatten(0, 1)])
+        logits = z @ params["global_head.weight"].T + params["global_head.bias"]
+        return self.global_loss * F.cross_entropy(logits, global_labels(batch))
 
     def classify_features(self, support_z, support_y, query_z, ways, params=None):
         if self.test_feature_norm != "none" and not (self.training and torch.is_grad_enabled()):

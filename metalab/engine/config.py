@@ -66,6 +66,7 @@ class DataConfig:
     split_seed: int = 0
     rotations: bool | None = None  #: add 90/180/270° rotations of meta-train classes as new classes; None: on for Omniglot only
     augment: bool = False  #: small random affine jitter of meta-train images
+    augment_strength: float = 1.0  #: scales the jitter: 1 is up to ±10° rotation, ±10 % scale and ±10 % shift
     # text sources ('clinc150', a .csv / .tsv / .jsonl file of text,label[,domain])
     encoder: str = "minilm"  #: 'minilm' (bundled all-MiniLM-L6-v2, offline) or a sentence-transformers folder
     encoder_layers: list | None = field(default_factory=lambda: [4, 5, 6])  #: mean-pooled layers, concatenated; None: the model's own pooling
@@ -206,6 +207,9 @@ class RunConfig:
             raise ConfigError(f"data.channels={self.data.channels!r} is invalid; use 1 (grayscale), 3 (RGB) or leave it empty "
                               "(decided from the images).")
         d = self.data
+        if not 0 < d.augment_strength <= 5:
+            raise ConfigError(f"data.augment_strength={d.augment_strength} is invalid; give a number above 0 and at most 5 "
+                              "(1: up to ±10° rotation, ±10 % scale and shift).")
         if not (0 <= d.val_fraction < 1 and 0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
             raise ConfigError(f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} are invalid; "
                               "give shares of the classes: val in [0, 1), test in (0, 1), together under 1.")

@@ -138,7 +138,7 @@ def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch
     algorithm = build_algorithm(t.algo, backbone, t.algo_options, context).to(device)
     algorithm.task_threads = t.task_threads
     layout = t.memory_format
-    if name == "conv4" and (layout == "channels_last" or (layout == "auto" and device.type == "cpu")):
+    if name in ("conv4", "conv4-spatial") and (layout == "channels_last" or (layout == "auto" and device.type == "cpu")):
         # channels-last weights and inputs: faster convolutions and pooling on CPU (MAML's step
         # 1.25x, the backbone alone 1.6x on 2 cores); the inputs need explicit channels-last
         # strides, else one-channel images keep the whole backbone in NCHW (Conv4.channels_last).
@@ -277,7 +277,8 @@ class MetaTrainer:
             g = torch.Generator().manual_seed(self.config.train.seed * 7919 + step)
             for name in ("support_x", "query_x"):
                 x = getattr(batch, name)
-                setattr(batch, name, random_affine(x.flatten(0, 1), g).view_as(x))
+                k = self.config.data.augment_strength
+                setattr(batch, name, random_affine(x.flatten(0, 1), g, 10.0 * k, 0.1 * k, 0.1 * k).view_as(x))
         return batch.to(self.device)
 
     def validate(self) -> dict:

@@ -77,16 +77,18 @@ def conv_block(in_ch: int, out_ch: int, norm: str, downsample: str = "pool") -> 
     this is the usual conv → norm → ReLU → max-pool block, values and gradients alike (ties
     included: a window whose maximum is ≤ 0 passes no gradient either way), with the ReLU and its
     backward on a quarter of the activations. ``downsample='stride'``: conv3×3 with stride 2 →
-    norm → ReLU (the MAML paper's Omniglot block, learn2learn's ``OmniglotCNN``)."""
+    norm → ReLU (the MAML paper's Omniglot block, learn2learn's ``OmniglotCNN``); ``'none'``:
+    conv3×3 → norm → ReLU at the input's size."""
     stride = 2 if downsample == "stride" else 1
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)]
+    keep_size = downsample == "none"  # conv4-spatial's last block: conv3×3 → norm → ReLU
     if norm == "batch":
         layers.append(nn.BatchNorm2d(out_ch))
     elif norm == "task-batch":  # statistics of the current batch only (MAML convention)
         layers.append(BatchStatNorm(out_ch))
     elif norm != "none":
         raise ConfigError(f"norm='{norm}' is unknown; use 'batch', 'task-batch' or 'none'.")
-    layers += [nn.ReLU(inplace=False)] if stride == 2 else [nn.MaxPool2d(2), nn.ReLU(inplace=False)]
+    layers += [nn.ReLU(inplace=False)] if stride == 2 or keep_size else [nn.MaxPool2d(2), nn.ReLU(inplace=False)]
     return nn.Sequential(*layers)
 
 
@@ -199,6 +201,10 @@ class Conv4(nn.Module):
     network of the MAML paper for Omniglot and learn2learn's ``OmniglotCNN``, 2.66 M multiply-adds
     per 28×28 image against conv4's 9.82 M, with the same parameters.
 
+    ``downsample='pool3'`` (backbone ``conv4-spatial``): no max-pool after the last block, so the
+    features keep its positions (``hidden × 3 × 3`` = 576 for 28×28 inputs, against conv4's 64),
+    with the same parameters and multiply-adds as conv4.
+
     Fast paths, same numbers: when the first block normalises by batch statistics, its conv and
     norm run as one convolution (:func:`folded_conv_norm`); with ``channels_last = True`` (set on
     CPU by the trainer) inputs get channels-last strides, which the convolutions then keep; with
@@ -215,15 +221,17 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, hidden: int = 64, image_size: int = 28, norm: str = "batch",
                  downsample: str = "pool") -> None:
         super().__init__()
-        if downsample not in ("pool", "stride"):
-            raise ConfigError(f"downsample='{downsample}' is unknown; use 'pool' (max-pooling) or 'stride' (strided convs).")
+        if downsample not in ("pool", "stride", "pool3"):
+            raise ConfigError(f"downsample='{downsample}' is unknown; use 'pool' (max-pooling), 'pool3' (no pooling "
+                              "after the last block) or 'stride' (strided convs).")
         self.norm = norm  #: 'batch', 'task-batch' or 'none' (see :func:`set_norm`)
-        self.downsample = downsample  #: 'pool' (conv4) or 'stride' (conv4-strided)
-        self.blocks = nn.Sequential(*[conv_block(in_channels if i == 0 else hidden, hidden, norm, downsample)
-                                      for i in range(4)])
+        self.downsample = downsample  #: 'pool' (conv4), 'stride' (conv4-strided) or 'pool3' (conv4-spatial)
+        blocks = ["stride"] * 4 if downsample == "stride" else ["pool"] * 3 + ["none" if downsample == "pool3" else "pool"]
+        self.blocks = nn.Sequential(*[conv_block(in_channels if i == 0 else hidden, hidden, norm, kind)
+                                      for i, kind in enumerate(blocks)])
         side = image_size
-        for _ in range(4):
-            side = (side + 1) // 2 if downsample == "stride" else side // 2
+        for kind in blocks:
+            side = (side + 1) // 2 if kind == "stride" else side // 2 if kind == "pool" else side
         if side < 1 or image_size < 16:
             raise ConfigError(f"image_size={image_size} is too small for conv4; use 16 or more.")
         # strided: features are the mean over the last block's positions (as in the MAML paper)
@@ -293,12 +301,16 @@ def set_norm(backbone: nn.Module, norm: str) -> bool:
     return True
 
 
+#: the conv4 backbones by name, and how each downsamples (see :class:`Conv4`)
+CONV4_DOWNSAMPLING = {"conv4": "pool", "conv4-strided": "stride", "conv4-spatial": "pool3"}
+
+
 def build_backbone(name: str, example_shape: tuple[int, ...], hidden: int = 64, norm: str = "batch") -> nn.Module:
     """A backbone by name for examples of ``example_shape`` (``(C, H, W)`` images or ``(D,)`` vectors)."""
-    if name in ("conv4", "conv4-strided"):
+    if name in CONV4_DOWNSAMPLING:
         if len(example_shape) != 3:
             raise ConfigError(f"backbone '{name}' needs image examples [C, H, W]; this data has shape {list(example_shape)}; use backbone 'mlp'.")
-        return Conv4(example_shape[0], hidden, example_shape[1], norm, "stride" if name == "conv4-strided" else "pool")
+        return Conv4(example_shape[0], hidden, example_shape[1], norm, CONV4_DOWNSAMPLING[name])
     if name == "mlp":
         in_dim = 1
         for d in example_shape:
@@ -312,7 +324,7 @@ def build_backbone(name: str, example_shape: tuple[int, ...], hidden: int = 64, 
         if len(example_shape) != 1:
             raise ConfigError(f"backbone '{name}' needs feature vectors [D]; this data has shape {list(example_shape)}; use 'conv4' or 'mlp'.")
         return LinearProjection(example_shape[0], trainable=name == "linear")
-    raise ConfigError(f"backbone '{name}' is unknown; choose one of: conv4, conv4-strided, mlp, linear, diagonal, identity.")
+    raise ConfigError(f"backbone '{name}' is unknown; choose one of: conv4, conv4-strided, conv4-spatial, mlp, linear, diagonal, identity.")
 
 
 class DiagonalScale(nn.Module):
