@@ -6,7 +6,8 @@
 Trains the demo's recipe (``metalab.demo.demo_config``, no time budget) with the given overrides,
 then scores the trained network on the 14 validation characters at 5-way 1-shot, 14-way 1-shot and
 5-way 5-shot (600 episodes, 15 queries, seed 7) under each ProtoNet ``test_feature_norm``
-(``none``, ``l2``, ``centre-l2``), so one training run answers whether feature normalisation pays.
+(``none``, ``l2``, ``centre-l2``) and each ProtoNet ``test_views`` (each image scored by its four 90°
+turns, or by those and their mirror images), so one training run answers whether either pays.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from metalab.algorithms.protonet import FEATURE_NORMS
+from metalab.algorithms.protonet import FEATURE_NORMS, TEST_VIEWS
 from metalab.demo import demo_config
 from metalab.engine.evaluate import evaluate
 from metalab.engine.trainer import MetaTrainer
@@ -43,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.train()
     line = f"{args.name}: {result.steps} steps, {time.perf_counter() - began:.0f} s of training |"
     algorithm = trainer.algorithm.eval()
-    for norm in FEATURE_NORMS:
-        algorithm.test_feature_norm = norm
+    for norm, views in [(norm, "none") for norm in FEATURE_NORMS] + [("none", v) for v in TEST_VIEWS[1:]]:
+        algorithm.test_feature_norm, algorithm.test_views = norm, views
         cells = []
         for ways, shots in ((5, 1), (val.num_classes, 1), (5, 5)):
             r = evaluate(algorithm, val, ways, shots, 15, args.episodes, show_progress=False, seed=7)
             cells.append(f"{ways}w{shots}s {100 * r.mean:.2f} ± {100 * r.ci95:.2f}")
-        line += f" {norm}: " + ", ".join(cells) + " |"
+        line += f" {norm}{'' if views == 'none' else ' + test_views=' + views}: " + ", ".join(cells) + " |"
     print(line, flush=True)
     shutil.rmtree(out.parent, ignore_errors=True)
 
