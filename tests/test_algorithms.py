@@ -290,14 +290,14 @@ def test_feature_head_training_normalises_each_task_by_its_own_statistics(omnigl
     assert int(bn.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize("algo", ["protonet", "protonet+global_loss", "anil", "matchingnet", "r2d2"])
+@pytest.mark.parametrize("algo", ["protonet", "protonet:global_loss", "anil", "matchingnet", "r2d2"])
 def test_feature_head_per_task_backward_equals_the_meta_loss_gradient(omniglot, algo):
     """meta_backward back-propagates task by task; its loss, gradients and running statistics
     must be those of meta_loss(...).backward() over the whole meta-batch."""
     import copy
 
     torch.manual_seed(0)
-    algo, _, option = algo.partition("+")
+    algo, _, option = algo.partition(":")
     options = {option: 0.5} if option else {}
     per_task = build_algorithm(algo, build_backbone("conv4", (1, 28, 28), hidden=8, norm="batch"), options,
                                {"num_classes": omniglot.num_classes}).double()
@@ -413,7 +413,7 @@ def test_a_backbone_gets_the_algorithms_normalisation_however_it_was_built():
 
 
 @pytest.mark.parametrize("algo", sorted(a for a, spec in ALGORITHMS.items() if "classification" in spec.tasks)
-                         + ["protonet+test_views=dihedral"])
+                         + ["protonet:test_views=dihedral"])
 def test_a_prediction_does_not_depend_on_the_rest_of_the_batch(algo, omniglot):
     """Each input scored alone gets the scores it gets in a batch. MAML-family methods normalise by
     batch statistics; they used to normalise a query by the statistics of the queries sent with it,
@@ -423,10 +423,11 @@ def test_a_prediction_does_not_depend_on_the_rest_of_the_batch(algo, omniglot):
     from metalab.engine.trainer import build_model
 
     torch.manual_seed(0)
-    algo, _, option = algo.partition("+")
+    algo, _, option = algo.partition(":")  # 'name:option=value' (names may hold a '+')
     options = {"test_inner_steps": 2} if ALGORITHMS[algo].cls.__name__ in ("MAML", "Reptile", "MetaSGD", "ANIL") else {}
     if option:
-        options[option.split("=")[0]] = option.split("=")[1]
+        key, value = option.split("=")
+        options[key] = value
     cfg = RunConfig.from_dict({"train": {"algo": algo, "backbone": "conv4", "hidden": 8, "algo_options": options}})
     ctx = {"task": "classification", "num_classes": omniglot.num_classes, "class_domains": omniglot.class_domains.tolist()}
     algorithm = build_model(cfg, (1, 28, 28), torch.device("cpu"), ctx)
@@ -508,9 +509,9 @@ def test_protonet_global_loss_trains_a_classifier_over_all_classes_and_never_pre
 @pytest.mark.parametrize("views", ["rotations", "dihedral"])
 def test_protonet_test_views_add_the_distances_of_every_view_at_test_only(omniglot, views):
     """test_views scores an image by its 0/90/180/270° turns (and, dihedral, their mirror images):
-    outside training the features are the views side by side, so a query's score is the sum of
-    its per-view scores; training sees one view; inputs that are not square images are one
-    sentence, and an unknown choice too."""
+    outside training the features are the views side by side, scaled so a query's score is the
+    mean of its per-view scores (one view's scale, for probabilities and thresholds); training
+    sees one view; inputs that are not square images are one sentence, and an unknown choice too."""
     from metalab.algorithms.protonet import neg_sq_distance, prototypes
 
     torch.manual_seed(0)
@@ -524,7 +525,7 @@ def test_protonet_test_views_add_the_distances_of_every_view_at_test_only(omnigl
         turns += [lambda x, k=k: torch.rot90(x.flip(-1), k, dims=(-2, -1)) for k in range(4)]
     expected = sum(neg_sq_distance(one_view_features(net, view(qx))[None],
                                    prototypes(one_view_features(net, view(sx))[None], sy[None], 5))[0]
-                   for view in turns)
+                   for view in turns) / len(turns)
     assert net.encode(net.params(), sx).shape == (len(sx), len(turns) * net.backbone.out_dim)
     assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-3)
     net.train()

@@ -19,6 +19,8 @@ views at once (its four 90° turns, and their mirror images: :meth:`ProtoNet.enc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,10 +88,11 @@ class ProtoNet(FeatureHeadAlgorithm):
 
     def encode(self, params, x: torch.Tensor) -> torch.Tensor:
         """Features ``[B, D]`` of ``x [B, ...]``; with ``test_views`` outside training, the
-        features of every view of the image side by side (``[B, V·D]``): ``rotations``, the image
-        turned by 0, 90, 180 and 270° (views the network learnt classes of, with rotation
-        classes); ``dihedral``, those four and their mirror images. Squared distances add up
-        over the views: an ensemble of V from one network."""
+        features of every view of the image side by side, divided by ``√V`` (``[B, V·D]``):
+        ``rotations``, the image turned by 0, 90, 180 and 270° (views the network learnt classes
+        of, with rotation classes); ``dihedral``, those four and their mirror images. A squared
+        distance is then the mean of the views' (an ensemble of V from one network, on one
+        view's scale, so probabilities and out-of-scope thresholds keep their meaning)."""
         z = super().encode(params, x)
         if self.test_views == "none" or self.training:
             return z
@@ -101,7 +104,7 @@ class ProtoNet(FeatureHeadAlgorithm):
             image = x.flip(-1) if mirrored else x
             views += [super(ProtoNet, self).encode(params, torch.rot90(image, k, dims=(-2, -1)))
                       for k in ((0, 1, 2, 3) if mirrored else (1, 2, 3))]
-        return torch.cat(views, -1)
+        return torch.cat(views, -1) / math.sqrt(len(views))
 
     def auxiliary_loss(self, params, support_z, query_z, batch):
         """``global_loss`` × cross-entropy of a linear classifier over all meta-train classes on
