@@ -63,8 +63,8 @@ class ProtoNet(FeatureHeadAlgorithm):
     support mean, then cosine; adaptation and evaluation only); ``test_views`` (``rotations``:
     score every image by its four 90° turns at once, for networks trained with rotation classes;
     ``dihedral``: those and their mirror images; adaptation and evaluation only, 4× or 8× the
-    encoding); ``global_loss`` (weight of an auxiliary
-    cross-entropy over every meta-train class in training; 0: off)."""
+    encoding); ``global_loss`` (weight of an auxiliary cross-entropy over every meta-train class
+    in training; 0: off)."""
 
     name = "protonet"
 
