@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from metalab.algorithms.protonet import FEATURE_NORMS, TEST_VIEWS
+from metalab.cli import _assign as assign, _parse_value as parse_set_value
 from metalab.demo import demo_config
+from metalab.engine.config import RunConfig
 from metalab.engine.evaluate import evaluate
 from metalab.engine.trainer import MetaTrainer
 
@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--episodes", type=int, default=600)
     args = parser.parse_args(argv)
-    cfg = demo_config(time_budget=None)
-    for item in args.set:
+    raw = demo_config(time_budget=None).to_dict()
+    for item in args.set:  # as `metalab train --set`: nested keys, YAML values, the same checks
         key, value = item.split("=", 1)
-        section, field = key.split(".", 1)
-        setattr(getattr(cfg, section), field, yaml.safe_load(value))
+        assign(raw, key.strip(), parse_set_value(value, key.strip()))
+    cfg = RunConfig.from_dict(raw, origin="--set")
     out = Path(tempfile.mkdtemp(prefix="metalab-demo-screen-")) / args.name
     trainer = MetaTrainer(cfg, out, show_progress=False, log=lambda m: None)
     val = trainer.splits.val

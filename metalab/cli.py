@@ -92,7 +92,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections data/train/eval)."),
     algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
     data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
-    backbone: Optional[str] = typer.Option(None, help="auto (default), conv4, mlp; for embeddings: diagonal (learned per-dimension weighting), linear (projection), identity."),
+    backbone: Optional[str] = typer.Option(None, help="auto (default), conv4, conv4-strided (the MAML paper's, 3.7x fewer multiply-adds), conv4-spatial (no last max-pool), mlp; for embeddings: diagonal (learned per-dimension weighting), linear (projection), identity."),
     task: Optional[str] = typer.Option(None, help="Meta-RL task family: nav2d or bandit (with --algo maml-rl, fomaml-rl, reptile-rl or pretrained-rl; e.g. --meta-batch 20)."),
     planner: Optional[str] = typer.Option(None, help="Task planner: uniform (default), domain-balanced, curriculum, hard (hard-task mining)."),
     ways: Optional[int] = typer.Option(None, help="Classes per training task."),

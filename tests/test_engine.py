@@ -381,18 +381,24 @@ def test_a_slow_stretch_of_clock_leaves_a_run_that_finishes_its_steps_unchanged(
 
 
 def test_augment_strength_scales_the_training_jitter(omniglot, tmp_path):
-    """data.augment_strength scales the affine jitter of training episodes (the same draws, twice
-    as far at 2 as at 1); out of range is one sentence naming the field."""
+    """data.augment_strength scales the affine jitter of training episodes (the same draws, further
+    at 2 than at 1; 1 is the jitter as it always was); out of range is one sentence naming the field."""
     from metalab.data import split_by_class
+    from metalab.data.augment import random_affine
 
     splits = split_by_class(omniglot, val_fraction=0.1, test_fraction=0.3, seed=0)
     moved = {}
-    for strength in (0.5, 1.0, 2.0):
+    for strength in (0.01, 0.5, 1.0, 2.0):
         cfg = RunConfig.from_dict({"data": {"augment": True, "augment_strength": strength},
                                    "train": {"algo": "protonet", "hidden": 8, "steps": 1, "ways": 5, "queries": 2}})
         trainer = MetaTrainer(cfg, tmp_path / str(strength), splits=splits, show_progress=False, log=lambda m: None)
-        plain = trainer.sampler.sample(0).support_x.float() / 255
-        moved[strength] = (trainer._prepare(0).support_x - plain).abs().mean().item()
-    assert 0 < moved[0.5] < moved[1.0] < moved[2.0]
+        plain = trainer.sampler.sample(0).support_x  # float images in [0, 1]
+        jittered = trainer._prepare(0).support_x
+        moved[strength] = (jittered - plain).abs().mean().item()
+        if strength == 1.0:  # the default: random_affine's own defaults, drawn as before
+            g = torch.Generator().manual_seed(cfg.train.seed * 7919)
+            assert torch.equal(jittered, random_affine(plain.flatten(0, 1), g).view_as(plain))
+    assert moved[0.01] < 0.1 * moved[1.0]
+    assert moved[0.01] < moved[0.5] < moved[1.0] < moved[2.0]
     with pytest.raises(ConfigError, match=r"data.augment_strength=0 is invalid"):
         RunConfig.from_dict({"data": {"augment_strength": 0}})

@@ -275,9 +275,9 @@ class MetaTrainer:
         batch = self.sampler.sample(step)
         if self.config.data.augment and batch.support_x.dim() == 5:
             g = torch.Generator().manual_seed(self.config.train.seed * 7919 + step)
+            k = self.config.data.augment_strength
             for name in ("support_x", "query_x"):
                 x = getattr(batch, name)
-                k = self.config.data.augment_strength
                 setattr(batch, name, random_affine(x.flatten(0, 1), g, 10.0 * k, 0.1 * k, 0.1 * k).view_as(x))
         return batch.to(self.device)
 
