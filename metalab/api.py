@@ -73,7 +73,7 @@ class Run:
         """Mean accuracy ± 95 % CI over ``episodes`` ``ways``-way ``shots``-shot tasks of the test split
         (or of ``source``); ``queries`` per class default to the run's ``eval.queries`` or what the
         classes can fill."""
-        source = source if source is not None else self.splits.test
+        source = source if source is not None else self.splits.require("test")
         if queries is None:
             queries = max(1, min(self.config.eval.queries, int(source.class_counts().min()) - shots))
         self.algorithm.eval()

@@ -91,7 +91,7 @@ def _parse_value(text: str, key: str = "value"):
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (sections data/train/eval)."),
     algo: Optional[str] = typer.Option(None, help="Algorithm (see 'metalab algorithms')."),
-    data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
+    data: Optional[str] = typer.Option(None, help="'omniglot', 'clinc150', 'hwu64', 'sinusoid', an image folder root/<class>/*.png, an .npz file, or a text .csv/.jsonl (text,label[,domain])."),
     backbone: Optional[str] = typer.Option(None, help="auto (default), conv4, conv4-strided (the MAML paper's, 3.7x fewer multiply-adds), conv4-spatial (no last max-pool), mlp; for embeddings: diagonal (learned per-dimension weighting), linear (projection), identity."),
     task: Optional[str] = typer.Option(None, help="Meta-RL task family: nav2d or bandit (with --algo maml-rl, fomaml-rl, reptile-rl or pretrained-rl; e.g. --meta-batch 20)."),
     planner: Optional[str] = typer.Option(None, help="Task planner: uniform (default), domain-balanced, curriculum, hard (hard-task mining)."),
@@ -106,6 +106,7 @@ def train(
     precision: Optional[str] = typer.Option(None, help="fp32 (default) or bf16: bfloat16 mixed-precision training steps (faster on CPUs with AVX-512-BF16/AMX and recent GPUs)."),
     seed: Optional[int] = typer.Option(None, help="Seed of initialisation and episode sampling."),
     init_from: Optional[str] = typer.Option(None, help="Start the backbone from this run folder's weights (e.g. a ProtoNet run under --algo maml); same backbone and hidden width."),
+    tune_encoder: Optional[str] = typer.Option(None, help="Text: meta-train the sentence encoder's top N transformer layers ('all': every one) under the algorithm's head (protonet, r2d2, matchingnet), e.g. --tune-encoder 2."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: --set train.algo_options.inner_lr=0.1"),
     out: Optional[Path] = typer.Option(None, help="Run folder to create (default runs/<name>-<time>)."),
     resume: Optional[Path] = typer.Option(None, help="Continue this run folder from its last good checkpoint, with its own config.yaml (only --device may be given too)."),
@@ -128,7 +129,8 @@ def train(
     flags = {"train.algo": algo, "data.source": data, "train.ways": ways, "train.shots": shots,
              "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
              "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
-             "train.planner": planner, "train.init_from": init_from}
+             "train.planner": planner, "train.init_from": init_from,
+             "train.tune_encoder": int(tune_encoder) if tune_encoder is not None and tune_encoder.isdigit() else tune_encoder}
     if resume is not None:
         given = [{"data.source": "--data"}.get(key, f"--{key.split('.')[1].replace('_', '-')}")
                  for key, value in flags.items() if value is not None and key != "train.device"]
@@ -381,11 +383,11 @@ def adapt(
     run: Path = typer.Option(..., "--run", help="Trained run folder."),
     support: Path = typer.Option(..., "--support", help="Labelled examples: text .csv/.jsonl (text,label), an image folder root/<label>/*.png, or an .npz of x and y (array runs)."),
     out: Path = typer.Option(Path("adapter.safetensors"), "--out", help="Adapter file to write."),
-    head: str = typer.Option("algorithm", help="'algorithm' (the run's own adapt) or a head on its features: prototypes, logistic, ridge."),
+    head: str = typer.Option("auto", help="auto: logistic for text runs (with the label names as examples: the best cheap route measured, benchmarks/results/text_transfer.md), the run's own adapt otherwise; or 'algorithm' (the run's own adapt), prototypes, logistic, ridge."),
     oos_threshold: Optional[float] = typer.Option(None, help="Reject as out-of-scope when the top logit is below this (default: the threshold fitted in the run's evaluation, for --head algorithm only)."),
     text_column: str = typer.Option("text"),
     label_column: str = typer.Option("label"),
-    names_as_examples: bool = typer.Option(False, "--names-as-examples", help="Text: add each label (underscores as spaces) as one more example of itself; helps when labels are words."),
+    names_as_examples: Optional[bool] = typer.Option(None, "--names-as-examples/--no-names-as-examples", help="Text: add each label (underscores as spaces) as one more example of itself; helps when labels are words (default: on for --head auto when every label has a letter)."),
     lexical_weight: float = typer.Option(0.0, min=0.0, help="Text: add this weight times a TF-IDF n-gram classifier's log-probabilities, fitted on the support texts (0.1 is a good start; 0 = off)."),
     finetune_epochs: int = typer.Option(0, min=0, help="Text: first fine-tune the run's encoder on the support for this many epochs (4 epochs: +1.1 points on CLINC150's 45 held-out intents, 30 s on 2 CPU cores; no gain on 15 easy ones: check on held-out examples; the adapter then carries the encoder's weights, ~90 MB; 0 = off)."),
     finetune_lr: float = typer.Option(1e-4, min=0.0, help="Text: the encoder's learning rate when fine-tuning."),
@@ -394,9 +396,10 @@ def adapt(
     """Adapt a trained run to a few labelled examples; writes an adapter file for `metalab predict`."""
     import time as _time
 
-    from metalab.engine.adapter import adapt_from_file, default_threshold
+    from metalab.engine.adapter import adapt_from_file, default_threshold, resolve_text_route
 
     start = _time.perf_counter()
+    head, names_as_examples = resolve_text_route(run, support, head, names_as_examples, text_column, label_column)
     adapter = adapt_from_file(run, support, head, oos_threshold, text_column=text_column, label_column=label_column,
                               names_as_examples=names_as_examples, lexical_weight=lexical_weight,
                               finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, seed=seed, progress=True)
@@ -407,8 +410,9 @@ def adapt(
             console.print(f"note: out-of-scope detection is off: the run's threshold was fitted on tasks of many more "
                           f"labels than this adapter's {len(adapter.labels)}; set one with --oos-threshold.")
     path = adapter.save(out)
-    console.print(f"adapted to {len(adapter.labels)} labels from {len(adapter.support_y)} examples in "
-                  f"{_time.perf_counter() - start:.2f} s (head: {head}; out-of-scope threshold: "
+    examples = len(adapter.support_y) - (len(adapter.labels) if names_as_examples else 0)
+    console.print(f"adapted to {len(adapter.labels)} labels from {examples} examples in "
+                  f"{_time.perf_counter() - start:.2f} s (head: {head}{' + label names' if names_as_examples else ''}; out-of-scope threshold: "
                   f"{'none' if threshold is None else f'{threshold:.3f}'}"
                   f"{f'; lexical weight {lexical_weight}' if lexical_weight else ''}"
                   f"{f'; encoder fine-tuned for {finetune_epochs} epochs' if finetune_epochs else ''}); adapter: {path}")
@@ -416,17 +420,41 @@ def adapt(
 
 @app.command()
 def predict(
-    inputs: list[str] = typer.Argument(..., help="Texts to classify (text adapters), image files (image adapters) or .npz files of rows x (array adapters)."),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Texts to classify (text adapters), image files (image adapters) or .npz files of rows x (array adapters)."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter file from `metalab adapt`."),
+    input_file: Optional[str] = typer.Option(None, "--input", help="Text adapters: a file of texts to classify, one per line ('-': read them from stdin)."),
+    labelled: Optional[Path] = typer.Option(None, "--labelled", help="Text adapters: a labelled .csv/.jsonl (text,label) to predict and score: accuracy and macro precision / recall / F1."),
+    text_column: str = typer.Option("text", help="--labelled: the text column."),
+    label_column: str = typer.Option("label", help="--labelled: the label column."),
     top: int = typer.Option(3, min=1, help="Scores shown per input."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
-    """Label texts or images with an adapter: best label, top scores and the out-of-scope flag."""
+    """Label texts or images with an adapter: best label, top scores and the out-of-scope flag;
+    with --labelled, the accuracy and macro F1 on a labelled file."""
     import json
 
-    from metalab.engine.adapter import Adapter
+    from metalab.engine.adapter import Adapter, read_text_inputs, score_labelled
 
     fitted = Adapter.load(adapter)
+    inputs = list(inputs or [])
+    if (input_file is not None or labelled is not None) and not fitted.text:
+        raise ConfigError("--input and --labelled read texts, and this adapter is not a text adapter; pass its inputs as arguments.")
+    if input_file is not None:
+        inputs += read_text_inputs(input_file)
+    if labelled is not None:
+        record = score_labelled(fitted, labelled, text_column, label_column)
+        if as_json:
+            print(json.dumps({k: v for k, v in record.items()}))
+        else:
+            console.print(f"{record['examples']} labelled texts in {escape(str(labelled))}: accuracy "
+                          f"{100 * record['accuracy']:.2f} %, macro precision {record['macro_precision']:.3f}, recall "
+                          f"{record['macro_recall']:.3f}, F1 {record['macro_f1']:.3f}; weakest (F1): "
+                          + ", ".join(f"{escape(r['class'])} {r['f1']:.2f}" for r in record["per_class"][:3]))
+        if not inputs:
+            return
+    if not inputs:
+        raise ConfigError("Nothing to predict; pass inputs as arguments, a file with --input (one text per line, '-' for "
+                          "stdin), or a labelled file with --labelled.")
     if fitted.arrays:  # each .npz holds rows to label
         rows, inputs = fitted.read_arrays(inputs)
         predictions = fitted.predict(rows)
@@ -489,9 +517,9 @@ def graph(
     config, algorithm, info = load_trained(run)
     refuse_regression_run(run, config)
     splits = run_splits(config, show_progress=True, example_shape=info["example_shape"])
-    source = {"test": splits.test, "val": splits.val, "train": splits.train}.get(split)
-    if source is None:
+    if split not in ("test", "val", "train"):
         raise ConfigError(f"--split '{split}' is unknown; use test, val or train.")
+    source = splits.train if split == "train" else splits.require(split)
     protos = class_prototypes(algorithm, source)
     score = score_neighbours(nearest_classes(protos, k)[0], source.class_domains)
     folder = out or Path(run) / "graph"

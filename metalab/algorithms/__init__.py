@@ -63,7 +63,7 @@ def _gradient_based(factory):
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "protonet": AlgorithmSpec(lambda b, ctx, **o: ProtoNet(b, num_classes=ctx.get("num_classes"), **o), "batch", ("test_feature_norm", "global_loss", "test_views"), summary="Prototypical Networks (Snell et al. 2017)", cls=ProtoNet),
+    "protonet": AlgorithmSpec(lambda b, ctx, **o: ProtoNet(b, num_classes=ctx.get("num_classes"), **o), "batch", ("test_feature_norm", "global_loss", "test_views", "metric_scale"), summary="Prototypical Networks (Snell et al. 2017)", cls=ProtoNet),
     "matchingnet": AlgorithmSpec(lambda b, ctx, **o: MatchingNet(b, **o), "batch", ("scale",), summary="Matching Networks, cosine attention (Vinyals et al. 2016)", cls=MatchingNet),
     "r2d2": AlgorithmSpec(lambda b, ctx, **o: R2D2(b, **o), "batch", ("lam", "scale"), summary="closed-form ridge head (Bertinetto et al. 2019)", cls=R2D2),
     "anil": AlgorithmSpec(lambda b, ctx, **o: ANIL(b, **o), "batch", ("inner_lr", "inner_steps", "test_inner_steps", "first_order"), summary="inner loop on the head only (Raghu et al. 2020)", cls=ANIL),

@@ -14,7 +14,9 @@ support and the input only), then L2-normalises. ``test_views`` scores every ima
 views at once (its four 90° turns, and their mirror images: :meth:`ProtoNet.encode`).
 
 ``global_loss`` adds a classifier over every meta-train class to training (see
-:meth:`ProtoNet.auxiliary_loss`).
+:meth:`ProtoNet.auxiliary_loss`). ``metric_scale`` multiplies the distances (TADAM's metric
+scaling, Oreshkin et al. 2018): on L2-normalised features, such as a sentence encoder's, squared
+distances lie in [0, 4] and the softmax over them is nearly flat without it.
 """
 
 from __future__ import annotations
@@ -64,13 +66,17 @@ class ProtoNet(FeatureHeadAlgorithm):
     score every image by its four 90° turns at once, for networks trained with rotation classes;
     ``dihedral``: those and their mirror images; adaptation and evaluation only, 4× or 8× the
     encoding); ``global_loss`` (weight of an auxiliary cross-entropy over every meta-train class
-    in training; 0: off)."""
+    in training; 0: off); ``metric_scale`` (a factor on the negative squared distances, in training
+    and at test: the softmax's inverse temperature)."""
 
     name = "protonet"
 
     def __init__(self, backbone, test_feature_norm: str = "none", global_loss: float = 0.0,
-                 num_classes: int | None = None, test_views: str = "none") -> None:
+                 num_classes: int | None = None, test_views: str = "none", metric_scale: float = 1.0) -> None:
         super().__init__(backbone)
+        if not (isinstance(metric_scale, (int, float)) and not isinstance(metric_scale, bool) and metric_scale > 0):
+            raise ConfigError(f"train.algo_options.metric_scale={metric_scale!r} is invalid; give a factor above 0 (1: plain distances).")
+        self.metric_scale = float(metric_scale)
         if test_views not in TEST_VIEWS:
             raise ConfigError(f"test_views='{test_views}' is unknown; use one of: {', '.join(TEST_VIEWS)}.")
         self.test_views = test_views
@@ -121,4 +127,5 @@ class ProtoNet(FeatureHeadAlgorithm):
             support_z, query_z = normalise_features(support_z, query_z, self.test_feature_norm)
             # scaled cosine: the ranking of the prototypes is the cosine's; the scale keeps softmax scores readable
             return 10.0 * query_z @ F.normalize(prototypes(support_z, support_y, ways), dim=-1).transpose(1, 2)
-        return neg_sq_distance(query_z, prototypes(support_z, support_y, ways))
+        scores = neg_sq_distance(query_z, prototypes(support_z, support_y, ways))
+        return scores if self.metric_scale == 1.0 else self.metric_scale * scores

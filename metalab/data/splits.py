@@ -15,17 +15,32 @@ class Splits:
     """Three sources over disjoint classes, and how they were made (for reports and configs)."""
 
     train: LabelledSource
-    val: LabelledSource
-    test: LabelledSource
+    val: LabelledSource | None  #: None: no classes carved out for validation
+    test: LabelledSource | None  #: None: no meta-test classes (``test_domains=[]``: every class meta-trains)
     description: str
 
+    def require(self, part: str) -> LabelledSource:
+        """The ``val`` or ``test`` source, or an error saying the split has none."""
+        source = getattr(self, part)
+        if source is None:
+            what = {"test": "meta-test classes (data.test_domains is [])", "val": "validation classes (data.val_fraction is 0)"}[part]
+            raise DataError(f"This split has no {what}; evaluate the run on another labelled set (metalab adapt + "
+                            "metalab predict --labelled), or train with held-out classes.")
+        return source
 
-def _make_splits(source: LabelledSource, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, desc: str) -> Splits:
-    for part, classes, fix in (("validation", val, "raise data.val_fraction"), ("meta-test", test, "raise data.test_fraction")):
-        if len(classes) == 0:  # each split needs classes of its own
+
+def _make_splits(source: LabelledSource, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor, desc: str,
+                 optional: tuple[str, ...] = ()) -> Splits:
+    """``optional``: parts (``val``, ``test``) that may be left without classes (then ``None``)."""
+    for part, key, classes, fix in (("validation", "val", val, "raise data.val_fraction"),
+                                    ("meta-test", "test", test, "raise data.test_fraction")):
+        if len(classes) == 0 and key not in optional:  # each split needs classes of its own
             raise DataError(f"Source '{source.name}' has {source.num_classes} classes and its split leaves none for "
                             f"{part} ({desc.split(': ', 1)[-1]}); {fix} so that one class at least goes there, or add classes.")
-    subset = lambda classes, part: source.subset(classes.sort().values, f"{source.name}:{part}")  # noqa: E731
+    if len(train) == 0:
+        raise DataError(f"Source '{source.name}' has no classes left to meta-train on ({desc.split(': ', 1)[-1]}); "
+                        "hold out fewer classes.")
+    subset = lambda classes, part: source.subset(classes.sort().values, f"{source.name}:{part}") if len(classes) else None  # noqa: E731
     return Splits(subset(train, "train"), subset(val, "val"), subset(test, "test"), desc)
 
 
@@ -51,7 +66,7 @@ def split_by_class(
         f"random class split of '{source.name}' (seed {seed}): {len(train)} train / {len(val)} val / "
         f"{len(test)} test classes"
     )
-    return _make_splits(source, train, val, test, desc)
+    return _make_splits(source, train, val, test, desc, ("val",) if val_fraction == 0 else ())
 
 
 def split_by_domain(
@@ -66,17 +81,18 @@ def split_by_domain(
     if set(train_domains) & set(test_domains):
         raise DataError(f"Domains {sorted(set(train_domains) & set(test_domains))} are in both train and test; a domain belongs to one side.")
     dom_of = [source.domain_names[int(d)] for d in source.class_domains]
-    train_all = torch.tensor([c for c, d in enumerate(dom_of) if d in train_domains])
-    test = torch.tensor([c for c, d in enumerate(dom_of) if d in test_domains])
+    train_all = torch.tensor([c for c, d in enumerate(dom_of) if d in train_domains], dtype=torch.long)
+    test = torch.tensor([c for c, d in enumerate(dom_of) if d in test_domains], dtype=torch.long)
     order = train_all[_permuted(len(train_all), seed)]
     n_val = max(1, round(val_fraction * len(train_all))) if val_fraction > 0 else 0
     val, train = order[:n_val], order[n_val:]
     desc = (
         f"split of '{source.name}' by domain: meta-train {sorted(train_domains)} ({len(train)} classes, "
-        f"{len(val)} of them carved out for validation with seed {seed}); meta-test {sorted(test_domains)} "
-        f"({len(test)} classes)"
+        f"{len(val)} of them carved out for validation with seed {seed}); "
+        + (f"meta-test {sorted(test_domains)} ({len(test)} classes)" if test_domains else "no meta-test classes")
     )
-    return _make_splits(source, train, val, test, desc)
+    optional = (("val",) if val_fraction == 0 else ()) + (() if test_domains else ("test",))
+    return _make_splits(source, train, val, test, desc, optional)
 
 
 def omniglot_canonical_split(source: LabelledSource, val_fraction: float = 0.1, seed: int = 0) -> Splits:

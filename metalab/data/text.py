@@ -1,4 +1,4 @@
-"""Labelled text: CLINC150 (bundled) and CSV / JSONL files of ``text,label[,domain]``.
+"""Labelled text: CLINC150 and HWU64 (bundled) and CSV / JSONL files of ``text,label[,domain]``.
 
 A :class:`TextCorpus` holds strings; :func:`metalab.models.text_encoder.embed_corpus` turns it into a
 :class:`~metalab.data.source.LabelledSource` of cached sentence embeddings, from where the data
@@ -18,6 +18,7 @@ import torch
 from metalab.errors import DataError
 
 CLINC150_DIR = Path(__file__).parent / "bundled" / "clinc150"
+HWU64_DIR = Path(__file__).parent / "bundled" / "hwu64"
 OUT_OF_SCOPE = "oos"
 
 
@@ -84,6 +85,30 @@ def load_clinc150(root: str | Path = CLINC150_DIR) -> TextCorpus:
     oos = {part: [t for t, _ in data.get(f"oos_{part}", [])] for part in ("train", "val", "test")}
     return TextCorpus(texts, torch.tensor(labels), class_names, torch.tensor([domain_of[c] for c in class_names]),
                       domain_names, parts, "clinc150", oos)
+
+
+def load_hwu64(root: str | Path = HWU64_DIR) -> TextCorpus:
+    """HWU64 (Liu et al. 2019; fold 1 as in DialoGLUE): 64 home-assistant intents
+    (``scenario_intent``) in 18 scenarios (the domains), 9,960 ``train`` and 1,076 ``test``
+    utterances (35-175 and 3-19 per intent)."""
+    root = Path(root)
+    parts = {}
+    for part in ("train", "test"):
+        f = root / f"{part}.csv"
+        if not f.exists():
+            raise DataError(f"HWU64 file '{f}' is missing; reinstall metalab or point to a folder holding train.csv and test.csv.")
+        parts[part] = load_text_table(f, min_per_class=1, out_of_scope_label=None)
+    train, test = parts["train"], parts["test"]
+    if set(test.class_names) - set(train.class_names):
+        raise DataError(f"HWU64 file '{root / 'test.csv'}' has intents that '{root / 'train.csv'}' lacks; restore the original files.")
+    index = {c: i for i, c in enumerate(train.class_names)}
+    test_y = torch.tensor([index[test.class_names[int(c)]] for c in test.y])
+    return TextCorpus(train.texts + test.texts, torch.cat([train.y, test_y]), train.class_names, train.class_domains,
+                      train.domain_names, ["train"] * len(train.texts) + ["test"] * len(test.texts), "hwu64")
+
+
+#: the bundled text datasets, by the name a data spec uses
+BUNDLED_TEXT = {"clinc150": load_clinc150, "hwu64": load_hwu64}
 
 
 def _read_json(path: Path):
@@ -220,12 +245,12 @@ def label_name_texts(labels: list[str]) -> list[str]:
 
 
 def is_text_spec(spec: str) -> bool:
-    """Whether a data spec names text (``clinc150`` or a .csv / .tsv / .jsonl / .json file)."""
-    return spec == "clinc150" or Path(spec).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
+    """Whether a data spec names text (``clinc150``, ``hwu64`` or a .csv / .tsv / .jsonl / .json file)."""
+    return spec in BUNDLED_TEXT or Path(spec).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
 
 
 def load_text(spec: str, **table_options) -> TextCorpus:
-    """The text corpus named by ``spec``."""
-    if spec == "clinc150":
-        return load_clinc150()
+    """The text corpus named by ``spec`` (``table_options`` apply to files, not bundled sets)."""
+    if spec in BUNDLED_TEXT:
+        return BUNDLED_TEXT[spec]()
     return load_text_table(spec, **table_options)

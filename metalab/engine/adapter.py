@@ -248,12 +248,72 @@ class Adapter:
                    tuned_id=meta.get("encoder", {}).get("model_id"), ink_inverted=meta.get("ink_inverted"))
 
 
+def resolve_text_route(run_dir, support, head: str, names_as_examples: bool | None, text_column: str = "text",
+                       label_column: str = "label") -> tuple[str, bool]:
+    """``(head, names_as_examples)`` for ``head='auto'`` / ``names_as_examples=None``: for a text
+    run, logistic regression with the label names as examples when every label has a letter (the
+    best cheap route measured on HWU64 and CLINC150: benchmarks/results/text_transfer.md), else the
+    run's own adaptation without names."""
+    from metalab.engine.run import RunFolder
+
+    text = is_text_spec(RunFolder.open(run_dir).config().data.source)
+    if head == "auto":
+        head = "logistic" if text else "algorithm"
+    if names_as_examples is None:
+        names_as_examples = False
+        if text and head != "algorithm" and Path(support).is_file():
+            labels = load_text_table(support, text_column, label_column, domain_column=None, min_per_class=1).class_names
+            names_as_examples = all(any(ch.isalpha() for ch in label) for label in labels)
+    return head, names_as_examples
+
+
+def read_text_inputs(source: str) -> list[str]:
+    """Texts to classify, one per non-blank line of file ``source`` (``'-'``: standard input)."""
+    import sys
+
+    if source == "-":
+        raw = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"Input file '{path}' does not exist; pass a text file with one text per line, or '-' for stdin.")
+        try:
+            raw = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"Input file '{path}' is not UTF-8 (byte {exc.start}); save it as UTF-8.") from None
+    return [line.strip() for line in raw.split("\n") if line.strip()]
+
+
+def score_labelled(adapter: "Adapter", path: str | Path, text_column: str = "text", label_column: str = "label") -> dict:
+    """Accuracy and macro precision / recall / F1 of ``adapter`` on a labelled text file; a label
+    the adapter does not know is an error naming it."""
+    from metalab.engine.text_eval import classification_metrics
+
+    corpus = load_text_table(path, text_column, label_column, domain_column=None, min_per_class=1)
+    unknown = sorted(set(corpus.class_names) - set(adapter.labels))
+    if unknown:
+        raise DataError(f"Labelled file '{path}' has label(s) {unknown[:5]} the adapter was not adapted to "
+                        f"(it knows {len(adapter.labels)}: {adapter.labels[:5]}…); score it on the labels it knows.")
+    truth = np.array([adapter.labels.index(corpus.class_names[int(c)]) for c in corpus.y])
+    predicted = np.array([adapter.labels.index(p.label) for p in adapter.predict(list(corpus.texts))])
+    present = sorted(set(truth.tolist()) | set(predicted.tolist()))  # macro averages over the labels in play
+    index = {label: i for i, label in enumerate(present)}
+    record = classification_metrics(np.array([index[t] for t in truth]), np.array([index[p] for p in predicted]),
+                                    [adapter.labels[i] for i in present])
+    record["per_class"] = sorted(record["per_class"], key=lambda r: r["f1"])
+    return {"examples": len(truth), **record}
+
+
 def run_encoder(config):
-    """The sentence encoder a text run was trained on (from its config)."""
+    """The sentence encoder a text run embeds with (from its config; a tuned-encoder run's config,
+    as :func:`~metalab.engine.trainer.load_trained` gives it, also carries the tuned layers)."""
     from metalab.models.text_encoder import load_encoder
 
     opts = text_options(config.data)
-    return load_encoder(opts["encoder"], layers=opts["layers"])
+    if config.train.tune_encoder is not None and opts["tuned"] is None:
+        raise ConfigError("This config is of a tuned-encoder run but carries no tuned layers; load the run with "
+                          "metalab.engine.trainer.load_trained (or Run.load), which attaches them.")
+    return load_encoder(opts["encoder"], layers=opts["layers"], tuned=opts["tuned"])
 
 
 def default_threshold(run_dir: str | Path, head: str = "algorithm", labels: int | None = None) -> float | None:
@@ -295,10 +355,7 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
     against 89.38 % frozen, logistic head with names; about 70 s for 900 texts on 2 CPU cores)."""
     if finetune_epochs < 0 or not finetune_lr > 0:
         raise ConfigError(f"Fine-tuning needs epochs ≥ 0 and a positive learning rate; got {finetune_epochs} and {finetune_lr}.")
-    from metalab.engine.run import RunFolder
-
-    config = RunFolder.open(run_dir).config()
-    refuse_rl_run(Path(run_dir), config)
+    config, algorithm, info = load_trained(run_dir, device)  # (a tuned-encoder run's config then carries its layers)
     refuse_regression_run(Path(run_dir), config)
     support = Path(support)
     if is_text_spec(config.data.source):
@@ -320,8 +377,8 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
             x = tuned.encode(texts)
         else:
             x = encode_texts(encoder, texts, progress=False)
-        adapter = Adapter(run_dir, x, y, corpus.class_names, head, threshold, device, support_texts=texts,
-                          lexical_weight=lexical_weight, tuned_encoder=tuned)
+        adapter = Adapter(run_dir, x, y, corpus.class_names, head, threshold, device, loaded=(config, algorithm),
+                          support_texts=texts, lexical_weight=lexical_weight, tuned_encoder=tuned)
         if tuned is None:
             adapter._encoder = encoder  # the model already loaded here: predict() need not load it again
         return adapter
@@ -335,7 +392,6 @@ def adapt_from_file(run_dir: str | Path, support: str | Path, head: str = "algor
         raise DataError(f"Support '{support}' must be an image folder root/<label>/*.png for this image run.")
     from metalab.data.folders import load_image_folder
 
-    config, algorithm, info = load_trained(run_dir, device)
     channels, size = info["example_shape"][0], info["example_shape"][-1]  # as the run's images were read
     source = load_image_folder(support, size, channels)
     _check_two_labels(support, source.class_names)

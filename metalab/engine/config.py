@@ -73,7 +73,8 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     domain_column: str = "domain"
-    test_domains: list | None = None  #: text: hold out these domains for meta-test (None: clinc150's default, else a class split)
+    test_domains: list | None = None  #: text: hold out these domains for meta-test (None: clinc150's default, else a class split; []: none, every class meta-trains)
+    text_parts: list | None = None  #: text: keep only the examples of these parts of the file, e.g. ['train'] (None: all)
 
 
 @dataclass
@@ -102,6 +103,8 @@ class TrainConfig:
     precision: str = "fp32"  #: 'fp32', or 'bf16': bfloat16 mixed precision for the training step (weights, optimiser, eval stay fp32)
     task_threads: int | str = "auto"  #: per-task training loops on CPU: 'auto' (one task per core, side by side) or a number of threads (1: one task after another)
     memory_format: str = "auto"  #: conv4 layout: 'auto' (channels-last on CPU: faster), 'channels_last', or 'contiguous' (NCHW: tighter fp32 gradients on CPU)
+    tune_encoder: int | str | None = None  #: text: meta-train the sentence encoder's top N transformer layers ('all': every one) under the algorithm's head; None: the encoder stays frozen
+    tune_params: str = "all"  #: with tune_encoder: 'all' parameters of the tuned layers, or 'norm-bias' (LayerNorm and biases only)
     init_from: str | None = None  #: a run folder whose backbone weights start this run (its newest good checkpoint), e.g. a ProtoNet run under MAML
     planner: str = "uniform"  #: task planner: uniform, domain-balanced, curriculum (easy → hard), hard (hard-task mining)
     planner_every: int = 10  #: feed the planner the learner's errors every this many steps
@@ -245,6 +248,7 @@ class RunConfig:
         if t.time_budget is not None and not t.time_budget > 0:
             raise ConfigError(f"train.time_budget={t.time_budget!r} is invalid; give seconds > 0 or leave it empty.")
         self._validate_rl()
+        self._validate_tune_encoder()
         for pair in e.settings:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair)):
                 raise ConfigError(f"eval.settings entry {pair!r} is invalid; give [ways, shots] pairs of positive integers.")
@@ -268,6 +272,35 @@ class RunConfig:
                               f"(train.algo_options.head_ways={head_ways}) cannot adapt to; evaluate at {head_ways} ways "
                               "(e.g. --set 'eval.settings=[[5, 1], [5, 5]]') or use head 'row'.")
 
+
+    def _validate_tune_encoder(self) -> None:
+        t, d = self.train, self.data
+        if d.text_parts is not None and not (isinstance(d.text_parts, list) and d.text_parts
+                                             and all(isinstance(p, str) for p in d.text_parts)):
+            raise ConfigError(f"data.text_parts={d.text_parts!r} is invalid; give a list of parts such as ['train'], or leave it empty.")
+        if t.tune_params not in ("all", "norm-bias"):
+            raise ConfigError(f"train.tune_params='{t.tune_params}' is unknown; use 'all' or 'norm-bias'.")
+        if t.tune_encoder is None:
+            return
+        tune = t.tune_encoder
+        if isinstance(tune, str) and tune.isdigit():
+            t.tune_encoder = tune = int(tune)
+        if not (tune == "all" or (type(tune) is int and tune >= 1)):
+            raise ConfigError(f"train.tune_encoder={tune!r} is invalid; give a number of top transformer layers (e.g. 2) or 'all'.")
+        from metalab.algorithms import algorithm_spec
+        from metalab.data.text import is_text_spec
+
+        if not is_text_spec(d.source):
+            raise ConfigError(f"train.tune_encoder meta-trains a sentence encoder, and data.source='{d.source}' is not text; "
+                              "drop --tune-encoder or train on a text source.")
+        if not getattr(algorithm_spec(t.algo).cls, "frozen_features", False):
+            raise ConfigError(f"train.tune_encoder trains the encoder under a head on its features, which '{t.algo}' does not "
+                              "have; use --algo protonet, r2d2 or matchingnet.")
+        if t.backbone not in ("auto", "identity"):
+            raise ConfigError(f"train.tune_encoder trains the encoder itself, so train.backbone='{t.backbone}' has no place; "
+                              "leave it at 'auto'.")
+        if t.init_from is not None:
+            raise ConfigError("train.init_from copies a backbone, and a tuned-encoder run starts from the base encoder; drop one of them.")
 
     def _validate_rl(self) -> None:
         r, algo = self.rl, self.train.algo

@@ -59,7 +59,7 @@ def evaluate_run(run_dir: str | Path, settings: list | None = None, episodes: in
             record["figures"] = [plot.name]
     else:
         splits = run_splits(config, show_progress, info["example_shape"])
-        source = {"test": splits.test, "val": splits.val}[split]
+        source = splits.require(split)
         record["split_description"] = splits.description
         unfit = unfit_settings(source, settings or e.settings, e.queries, split)
         if settings and unfit:  # asked for by name: all of them, or an error
@@ -97,7 +97,7 @@ def _text_full_tasks(algorithm, splits, source, e, device, show_progress: bool) 
 
     oos = source.meta.get("out_of_scope", {})
     oos_test, oos_val = oos.get("test"), oos.get("val")
-    threshold_task = (splits.val, oos_val) if oos_val is not None and splits.val.num_classes >= 2 else None
+    threshold_task = (splits.val, oos_val) if oos_val is not None and splits.val is not None and splits.val.num_classes >= 2 else None
     out, left_out = [], []
     for shots in e.full_task_shots:
         if why := full_task_unfit(source, shots):

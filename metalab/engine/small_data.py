@@ -47,7 +47,7 @@ def fit_defaults(config: RunConfig, splits: Splits, log: Callable[[str], None] =
         fitted = smallest - _top(t.shots)
         notes.append(f"train.queries {t.queries} → {fitted} (the smallest training class has {smallest} examples)")
         t.queries = fitted
-    if test.num_classes >= 2:
+    if test is not None and test.num_classes >= 2:
         test_smallest = int(test.class_counts().min())
         if "eval.settings" in defaulted:
             fits = []  # each setting at the ways the test split has, while its shots leave a query

@@ -137,7 +137,7 @@ def evaluate_full_task(head: HeadFactory, source: LabelledSource, shots: int, dr
             bar.advance()
     pooled = classification_metrics(torch.cat(y_true_all).numpy(), torch.cat(y_pred_all).numpy(), source.class_names)
     record = {"ways": ways, "shots": shots, "draws": draws, "queries": int(len(y_true_all[0])),
-              "accuracy": float(np.mean(accs)), "accuracy_ci95": _ci(accs),
+              "accuracy": float(np.mean(accs)), "accuracy_ci95": _ci(accs), "draw_accuracies": [float(a) for a in accs],
               "macro_precision": float(np.mean(precs)), "macro_recall": float(np.mean(recs)),
               "macro_f1": float(np.mean(f1s)), "macro_f1_ci95": _ci(f1s),
               "per_class": sorted(pooled["per_class"], key=lambda r: r["f1"])}

@@ -126,15 +126,20 @@ def resolve_backbone(name: str, example_shape: tuple[int, ...], source: str) -> 
     return "diagonal" if is_text_spec(source) else "mlp"
 
 
-def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch.device, context: dict | None = None) -> Algorithm:
+def build_model(config: RunConfig, example_shape: tuple[int, ...], device: torch.device, context: dict | None = None,
+                backbone: torch.nn.Module | None = None) -> Algorithm:
     """The algorithm of ``config`` with freshly initialised (seeded) weights, on ``device``.
-    ``context`` is what the data tells the algorithm (task kind, meta-train classes)."""
+    ``context`` is what the data tells the algorithm (task kind, meta-train classes). ``backbone``:
+    one already built (a tuned-encoder run's, in training); a tuned-encoder run otherwise gets the
+    identity over its embeddings ``[D]``, as its encoder is applied before (inference)."""
     t = config.train
     torch.manual_seed(t.seed)
     regression = (context or {}).get("task") == "regression"
     norm = "none" if regression else algorithm_norm(t.algo)  # no normalisation for function regression
-    name = resolve_backbone(t.backbone, tuple(example_shape), config.data.source)
-    backbone = build_backbone(name, tuple(example_shape), t.hidden, norm=norm)
+    if backbone is None and t.tune_encoder is not None:
+        backbone = build_backbone("identity", tuple(example_shape))
+    name = "given" if backbone is not None else resolve_backbone(t.backbone, tuple(example_shape), config.data.source)
+    backbone = backbone if backbone is not None else build_backbone(name, tuple(example_shape), t.hidden, norm=norm)
     algorithm = build_algorithm(t.algo, backbone, t.algo_options, context).to(device)
     algorithm.task_threads = t.task_threads
     layout = t.memory_format
@@ -197,11 +202,14 @@ class MetaTrainer:
             self.context, example_shape = {"task": "regression", "outputs": 1}, (1,)
             self.example_dtype = "float32"
         else:
+            tuned = t.tune_encoder is not None  # episodes of text ids, through the encoder's trainable top layers
             self.splits = splits or load_splits(d.source, d.image_size, d.val_fraction, d.test_fraction, d.split_seed, d.rotations,
                                                      {**text_options(d), "progress": self.show_progress}, d.test_domains,
-                                                     channels=d.channels, progress=self.show_progress)
+                                                     channels=d.channels, progress=self.show_progress, text_ids=tuned)
             train = self.splits.train
             if not resume:
+                if tuned:
+                    tuned_defaults(config, train.num_classes, self.log)
                 fit_defaults(config, self.splits, self.log)
             self.planner = TaskPlanner(t.planner, train.num_classes, train.class_domains)
             if t.planner != "uniform" and self.dist.active:
@@ -214,9 +222,15 @@ class MetaTrainer:
             example_shape = tuple(train.x.shape[1:])
             self.example_dtype = str(train.x.dtype).removeprefix("torch.")  # uint8 inputs are scaled to 0-1
             if check_eval:
-                check_eval_fits(config, self.splits.test, self.log)
+                check_eval_fits(config, self.splits.require("test"), self.log)
+        backbone = None
+        if self.splits is not None and t.tune_encoder is not None:
+            backbone = build_tuned_backbone(config, self.splits, self.show_progress)
+            self.context["tuned_encoder"] = {"first": backbone.first, "base": backbone.base_id,
+                                             "features": list(backbone.features)}
+            example_shape, self.example_dtype = (backbone.out_dim,), "float32"  # what the run's head sees at inference
         self.example_shape = list(example_shape)
-        self.algorithm = build_model(config, example_shape, self.device, self.context)
+        self.algorithm = build_model(config, example_shape, self.device, self.context, backbone)
         if t.init_from and not resume:  # (a resumed run has its own weights in its checkpoint)
             self.log(init_backbone_from(self.algorithm, t.init_from, config))
         if self.dist.active:
@@ -292,7 +306,7 @@ class MetaTrainer:
                 self.log(f"validation: {note}")
             return {"val_mse": res.mean, "val_ci95": res.ci95}
         val = self.splits.val
-        if val.num_classes < 2:
+        if val is None or val.num_classes < 2:
             return {}
         ways = min(e.settings[0][0], val.num_classes)
         shots = e.settings[0][1]
@@ -416,6 +430,51 @@ class MetaTrainer:
         )
 
 
+#: what a tuned-encoder run trains with where its config leaves a field out: many-way 5-shot
+#: episodes (a new intent set has dozens of intents), a transformer's fine-tuning rate, and a
+#: metric scale that makes the softmax over normalised features sharp
+TUNED_DEFAULTS = {"train.lr": 3e-5, "train.ways": 32, "train.shots": 5, "train.queries": 5, "train.steps": 500,
+                  "train.val_every": 100, "train.checkpoint_every": 100, "train.val_episodes": 100}
+
+
+def tuned_defaults(config: RunConfig, train_classes: int, log: Callable[[str], None]) -> None:
+    """Set :data:`TUNED_DEFAULTS` (and ProtoNet's ``metric_scale`` 10) on the fields a config read
+    from a file or the command line left out (``config.given``), and say which."""
+    given = getattr(config, "given", None)
+    if given is None:  # a RunConfig built in Python: what it says is what it gets
+        return
+    t, changed = config.train, []
+    for key, value in TUNED_DEFAULTS.items():
+        if key not in given:
+            field = key.split(".", 1)[1]
+            value = min(value, train_classes) if field == "ways" else value
+            if getattr(t, field) != value:
+                setattr(t, field, value)
+                changed.append(f"{key}={value}")
+    options = dict(t.algo_options or {})
+    if t.algo == "protonet" and "metric_scale" not in options:
+        t.algo_options = {**options, "metric_scale": 10.0}
+        changed.append("train.algo_options.metric_scale=10")
+    if changed:
+        log(f"tuned-encoder run: {', '.join(changed)} (set them to change)")
+
+
+def build_tuned_backbone(config: RunConfig, splits: Splits, show_progress: bool = True):
+    """The trainable top layers of ``config``'s encoder over the meta-train and validation texts
+    (:class:`~metalab.models.text_tuned.TunedTextBackbone`)."""
+    from metalab.models.text_encoder import load_encoder
+    from metalab.models.text_tuned import TunedTextBackbone
+
+    d, t = config.data, config.train
+    encoder = load_encoder(d.encoder, layers=d.encoder_layers)
+    ids = torch.cat([part.x.flatten() for part in (splits.train, splits.val) if part is not None])
+    with progress_bar("encoder states below the tuned layers", len(ids), enabled=show_progress) as bar:
+        backbone = TunedTextBackbone(encoder, splits.train.meta["texts"], ids, t.tune_encoder, t.tune_params,
+                                     progress=bar.advance)
+    backbone.base_id = encoder.model_id
+    return backbone
+
+
 def _maybe_inject_fault(step: int, ctx) -> None:
     """Fault injection for fault-tolerance tests: with ``METALAB_FAULT_AT_STEP=N`` the last rank
     dies abruptly (no clean-up, like ``kill -9``) after step N, on torchrun's first attempt only."""
@@ -492,6 +551,15 @@ def load_trained(run_dir: str | Path, device: str = "cpu", checkpoint: str | Pat
     model_state, _ = split_rng_state(model_state)
     dev = resolve_device(device, "device")
     algorithm = build_model(config, tuple(info["example_shape"]), dev, info.get("context"))
+    if config.train.tune_encoder is not None:  # the tuned layers go to the run's encoder; the head sees its embeddings
+        from metalab.models.text_tuned import encoder_state
+
+        first = (info.get("context") or {}).get("tuned_encoder", {}).get("first")
+        if first is None:
+            raise CheckpointError(f"The checkpoint of '{run.path}' does not say which encoder layers it tuned; train it again.")
+        config.data.tuned_encoder = encoder_state(model_state, int(first))
+        model_state = {**{k: v for k, v in model_state.items() if not k.startswith("backbone.")},
+                       **{f"backbone.{k}": v for k, v in algorithm.backbone.state_dict().items()}}
     try:
         algorithm.load_state_dict(model_state)
     except RuntimeError:

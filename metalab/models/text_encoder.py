@@ -61,7 +61,11 @@ class SentenceEncoder:
     """
 
     def __init__(self, folder: str | Path | None = None, device: str = "cpu", normalize: bool = True,
-                 layers: Sequence[int] | None = None) -> None:
+                 layers: Sequence[int] | None = None, tuned: dict[str, torch.Tensor] | None = None) -> None:
+        """``tuned``: transformer tensors (the base model's own keys, ``encoder.layer.<i>.*``) that
+        replace the folder's, as a meta-trained encoder run stores them
+        (:func:`metalab.models.text_tuned.encoder_state`); the model id then names their digest,
+        so the embedding cache never mixes the tuned encoder's vectors with the frozen one's."""
         folder = Path(folder) if folder is not None else default_model_folder()
         if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
             raise ConfigError(f"Encoder folder '{folder}' holds no sentence-transformers model (no modules.json or config.json); "
@@ -79,6 +83,9 @@ class SentenceEncoder:
         self.model_id = f"{name}-{_folder_fingerprint(folder)}{'-norm' if normalize else ''}"
         if self.layers:
             self.model_id += "-layers" + "_".join(str(layer) for layer in self.layers)
+        self.tuned = dict(tuned) if tuned else None
+        if self.tuned:
+            self.model_id += f"-tuned-{tensors_digest(self.tuned)}"
 
     @property
     def model(self):
@@ -96,8 +103,19 @@ class SentenceEncoder:
                 except Exception as e:  # a damaged folder: name it, not a traceback from deep inside
                     raise ConfigError(f"Encoder folder '{self.folder}' could not be loaded ({type(e).__name__}: {e}); "
                                       "pass a folder saved with SentenceTransformer.save().") from e
+                if self.tuned:
+                    self._apply_tuned(model)
                 self._model = model.eval()
             return self._model
+
+    def _apply_tuned(self, model) -> None:
+        auto_model = model[0].auto_model
+        own = auto_model.state_dict()
+        wrong = [k for k, v in self.tuned.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise ConfigError(f"The tuned encoder weights do not fit encoder folder '{self.folder}' ({wrong[0]} "
+                              "differs); use the base model the run was meta-trained from (data.encoder).")
+        auto_model.load_state_dict(self.tuned, strict=False)
 
     @model.setter
     def model(self, value) -> None:
@@ -125,11 +143,16 @@ class SentenceEncoder:
 
     def _encode_layers(self, texts: Sequence[str], batch_size: int) -> torch.Tensor:
         """Mean-pooled token states of each layer in ``self.layers``, each L2-normalised, concatenated."""
-        outs = []
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # batches of similar lengths pad least
+        out = None
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                outs.append(self.layer_features(texts[start:start + batch_size]))
-        return torch.cat(outs).float().cpu()
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                features = self.layer_features([texts[i] for i in chunk]).float().cpu()
+                if out is None:
+                    out = torch.empty(len(texts), features.shape[1])
+                out[chunk] = features
+        return out if out is not None else torch.zeros(0, self.dim)
 
     def layer_features(self, texts: Sequence[str]) -> torch.Tensor:
         """``[len(texts), dim]`` from ``self.layers`` (differentiable: used by fine-tuning too)."""
@@ -144,6 +167,17 @@ class SentenceEncoder:
         return F.normalize(out, dim=-1) if self.normalize else out
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash of named tensors' names, shapes and values."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(list(value.shape)).encode())
+        h.update(value.float().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def _folder_fingerprint(folder: Path) -> str:
     """A short hash of a model folder's configs and weight files (names, sizes, first MiB)."""
     h = hashlib.sha256()
@@ -156,13 +190,15 @@ def _folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def load_encoder(spec: str = DEFAULT_ENCODER, device: str = "cpu", layers: Sequence[int] | None = None) -> SentenceEncoder:
-    """``minilm`` (the bundled all-MiniLM-L6-v2) or a path to a sentence-transformers folder."""
+def load_encoder(spec: str = DEFAULT_ENCODER, device: str = "cpu", layers: Sequence[int] | None = None,
+                 tuned: dict[str, torch.Tensor] | None = None) -> SentenceEncoder:
+    """``minilm`` (the bundled all-MiniLM-L6-v2) or a path to a sentence-transformers folder;
+    ``tuned``: a meta-trained run's layer tensors on top (:class:`SentenceEncoder`)."""
     if spec in (DEFAULT_ENCODER, "all-MiniLM-L6-v2"):
-        return SentenceEncoder(None, device, layers=layers)
+        return SentenceEncoder(None, device, layers=layers, tuned=tuned)
     if not Path(spec).is_dir():
         raise ConfigError(f"Encoder '{spec}' is neither 'minilm' nor a model folder; pass a sentence-transformers folder (no hub names: metalab works offline).")
-    return SentenceEncoder(spec, device, layers=layers)
+    return SentenceEncoder(spec, device, layers=layers, tuned=tuned)
 
 
 def _text_key(text: str) -> bytes:

@@ -256,7 +256,7 @@ def _classification_sections(report: Report, run_path: Path, config, record: dic
 
     _, algorithm, info = load_trained(run_path)
     splits = run_splits(config, show_progress, info["example_shape"])
-    test = splits.test
+    test = splits.require("test")
     cards = [f"<div class='card'><b>{info['step']}</b>meta-training steps</div>",
              f"<div class='card'><b>{test.num_classes}</b>meta-test classes ({test.num_domains} domains)</div>"]
     if record:
