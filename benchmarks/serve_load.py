@@ -48,6 +48,17 @@ def start_server(run: Path, db: Path, threads: int) -> tuple[subprocess.Popen, s
     return proc, "http://" + line.split("http://")[1].split("/ ")[0].rstrip("/")
 
 
+def describe_run(run: Path) -> str:
+    """What the served run is, from its config."""
+    from metalab.engine.run import RunFolder
+
+    t = RunFolder.open(run).config().train
+    if t.tune_encoder is not None:
+        return (f"{t.algo}, all-MiniLM-L6-v2 with its top {t.tune_encoder} layers meta-trained ({t.steps} steps) on "
+                f"CLINC150's 7 training domains ({run.name})")
+    return f"{t.algo} + {t.backbone} head on frozen all-MiniLM-L6-v2 layers 4-6 (meta-trained on CLINC150's 7 training domains)"
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -164,8 +175,7 @@ def main() -> None:
         log(" | ".join(row))
     md = [f"# `metalab serve` load benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "",
           f"Machine: {os.cpu_count()}-core CPU, torch {torch.__version__}, server and clients on the same machine "
-          f"(127.0.0.1); server process with {args.server_threads} torch threads; run: ProtoNet + diagonal head on "
-          "all-MiniLM-L6-v2 layers 4-6 (meta-trained on CLINC150's 7 training domains).", "",
+          f"(127.0.0.1); server process with {args.server_threads} torch threads; run: {describe_run(run)}.", "",
           "Adapter: 150 labels × 5 examples (CLINC150 train split, seed 0). Requests: `POST /v1/adapters/{id}/predict` "
           "with distinct CLINC150 test-split texts (each request encodes its texts; no cache), `top_k` 3, "
           "client-side latency over keep-alive HTTP/1.1. Target: p50 < 20 ms for a batch of 1.", "",
