@@ -195,7 +195,8 @@ def best_frozen(rows: list[dict], shots: int) -> dict:
     return max(frozen, key=lambda r: r["acc"])
 
 
-def evaluate_protocol(run_dir: Path, corpus, draws: int, shots: tuple[int, ...], frozen_rows: list[dict], log) -> list[dict]:
+def evaluate_protocol(run_dir: Path, corpus, draws: int, shots: tuple[int, ...], log) -> list[dict]:
+    """Every head on the run's meta-trained encoder, over ``corpus``'s support draws."""
     config, algorithm, _ = load_trained(run_dir)
     algorithm.eval()
     encoder = run_encoder(config)
@@ -270,7 +271,7 @@ def main() -> None:
                 keep = [d for d in load_clinc150().domain_names if d not in OVERLAPPING_DOMAINS]
                 data = {"text_parts": ["train"], "test_domains": list(OVERLAPPING_DOMAINS), "val_fraction": 0.0}
             run_dir, seconds = meta_train(f"clinc150-{protocol}-tune{args.tune}{args.name}", args.runs, tune, args.steps, data, log, overrides)
-            rows = evaluate_protocol(run_dir, hwu, args.draws, shots, frozen_rows, log)
+            rows = evaluate_protocol(run_dir, hwu, args.draws, shots, log)
             config, _, _ = load_trained(run_dir)
             encoder = run_encoder(config)
             tuned_fit = fit_seconds(encoder, hwu, 5)
@@ -299,7 +300,7 @@ def main() -> None:
             frozen_held += arms_for(SentenceEncoder(layers=layers), held, label, args.draws, (5,))
         base = {5: best_frozen(frozen_held, 5)}
         run_dir, seconds = meta_train(f"clinc150-held-out-tune{args.tune}{args.name}", args.runs, tune, args.steps, {}, log, overrides)
-        rows = evaluate_protocol(run_dir, held, args.draws, (5,), frozen_held, log)
+        rows = evaluate_protocol(run_dir, held, args.draws, (5,), log)
         out += [f"## CLINC150, the 45 intents of the held-out domains ({', '.join(CLINC150_TEST_DOMAINS)}), 5 shots", "",
                 f"Meta-training: {seconds['steps']} steps, {seconds['wall']:.0f} s wall, {seconds['cpu']:.0f} CPU-s "
                 f"({seconds['split']}). Support: 5 train utterances per intent; queries: all their test utterances "
