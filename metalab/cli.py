@@ -130,7 +130,7 @@ def train(
              "train.queries": queries, "train.backbone": backbone, "train.meta_batch": meta_batch, "train.steps": steps, "train.lr": lr,
              "train.time_budget": time_budget, "train.device": device, "train.precision": precision, "train.seed": seed, "rl.task": task,
              "train.planner": planner, "train.init_from": init_from,
-             "train.tune_encoder": int(tune_encoder) if tune_encoder is not None and tune_encoder.isdigit() else tune_encoder}
+             "train.tune_encoder": tune_encoder}  # ('2' becomes 2 in the config's check)
     if resume is not None:
         given = [{"data.source": "--data"}.get(key, f"--{key.split('.')[1].replace('_', '-')}")
                  for key, value in flags.items() if value is not None and key != "train.device"]

@@ -277,3 +277,42 @@ def test_adapt_defaults_to_logistic_with_names_and_predict_reads_files_and_score
     bad = write_csv(tmp_path / "bad.csv", [("piano", "n7")], "text,label")
     out = metalab("predict", "--adapter", str(tmp_path / "a.safetensors"), "--labelled", str(bad))
     assert out.returncode != 0 and "has label(s) ['n7'] the adapter was not adapted to" in out.stderr
+
+
+def test_norm_bias_tuning_moves_only_layer_norms_and_biases(tiny_encoder_dir, tmp_path):
+    data = write_csv(tmp_path / "k.csv", keyword_rows())
+    trainer = MetaTrainer(tuned_config(data, tiny_encoder_dir, steps=5, tune_params="norm-bias"), tmp_path / "run",
+                          show_progress=False, log=lambda m: None)
+    before = {k: v.clone() for k, v in trainer.algorithm.backbone.layers.state_dict().items()}
+    trainer.train()
+    after = trainer.algorithm.backbone.layers.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("LayerNorm" in k or k.endswith(".bias") for k in moved), sorted(moved)
+    assert any(k.endswith("query.weight") for k in before) and not any(k.endswith(".weight") and "LayerNorm" not in k
+                                                                         for k in moved)
+    with pytest.raises(ConfigError, match="train.tune_params='some' is unknown"):
+        RunConfig.from_dict({"train": {"tune_params": "some"}})
+
+
+def test_protonet_metric_scale_sharpens_scores_and_keeps_their_ranking():
+    from metalab.algorithms import build_algorithm
+    from metalab.models import build_backbone
+
+    torch.manual_seed(0)
+    support, query = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1), torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    plain, scaled = (build_algorithm("protonet", build_backbone("identity", (8,)), {"metric_scale": s}).eval() for s in (1.0, 10.0))
+    a, b = plain(support, labels, query), scaled(support, labels, query)
+    assert torch.allclose(b, 10 * a, atol=1e-5) and torch.equal(a.argmax(-1), b.argmax(-1))
+    assert b.softmax(-1).max(-1).values.mean() > a.softmax(-1).max(-1).values.mean()
+    with pytest.raises(ConfigError, match="metric_scale=0 is invalid"):
+        build_algorithm("protonet", build_backbone("identity", (8,)), {"metric_scale": 0})
+
+
+def test_text_parts_keep_only_the_named_parts_of_a_file():
+    from metalab.data.catalog import load_text_corpus
+
+    train = load_text_corpus("hwu64", parts=["train"])
+    assert len(train.texts) == 9960 and set(train.parts) == {"train"} and train.num_classes == 64
+    with pytest.raises(DataError, match=r"data.text_parts \['dev'\] are not parts of 'hwu64'; its parts are \['test', 'train'\]"):
+        load_text_corpus("hwu64", parts=["dev"])
